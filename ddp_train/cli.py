@@ -1,0 +1,136 @@
+"""Command line: ``python -m ddp_train [SUBCOMMAND] [--config FILE] [KEY=VALUE ...]``.
+
+Exit codes (DESIGN.md): 0 success (early stopping included), 1 training failed,
+2 usage or config error. Expected failures print one clear message, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import sys
+from typing import Callable
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from ddp_train.config import config_to_yaml, load_config
+from ddp_train.distributed import read_launch_info
+from ddp_train.errors import ConfigError, TrainingFailed
+
+log = logging.getLogger("ddp_train")
+
+EPILOG = """\
+KEY=VALUE overrides use dotted keys and YAML values, e.g.
+  train.max_steps=50 optim.lr=3e-4 model.args.hidden_sizes=[256,256]
+They win over the --config file, which wins over the defaults.
+Every key with its default and description: --print-config."""
+
+
+def _train_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{prog} train", description="Train a model (DDP under torchrun or srun).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="YAML config file")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    return parser
+
+
+def train_command(argv: list[str], prog: str) -> int:
+    """``train``: the default subcommand."""
+    args = _train_parser(prog).parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(config_to_yaml(config), end="")
+        return 0
+    from ddp_train.trainer import Trainer, describe  # heavy: only when training
+
+    with Trainer(config) as trainer:
+        log.info(describe(trainer))
+        summary = trainer.fit()
+    final = ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items() if isinstance(v, float))
+    log.info("%s after %d steps in %.1f s%s | %s", summary["status"], summary["global_step"],
+             summary["wall_time_s"], f" | {final}" if final else "", config.run_dir)
+    return 0
+
+
+SUBCOMMANDS: dict[str, tuple[Callable[[list[str], str], int], str]] = {
+    "train": (train_command, "train a model (the default)"),
+}
+
+
+def _top_help(prog: str) -> str:
+    commands = "\n".join(f"  {name:<10} {text}" for name, (_, text) in SUBCOMMANDS.items())
+    return (f"usage: {prog} [SUBCOMMAND] [--config FILE] [--print-config] [KEY=VALUE ...]\n\n"
+            f"Distributed PyTorch training; runs alike with python, torchrun and srun.\n\n"
+            f"subcommands:\n{commands}\n\n"
+            f"'{prog} SUBCOMMAND --help' describes one.\n\n{EPILOG}\n")
+
+
+def _configure_logging() -> int:
+    """Rank 0 reports progress; other ranks only warnings, tagged with their rank."""
+    info = read_launch_info()
+    handler = logging.StreamHandler(sys.stderr)
+    tag = f"[rank {info.rank}] " if info.rank > 0 else ""
+    handler.setFormatter(logging.Formatter(f"{tag}%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO if info.rank == 0 else logging.WARNING)
+    log.propagate = False
+    return info.rank
+
+
+@record
+def main(argv: list[str] | None = None, prog: str = "ddp-train") -> int:
+    """Run a subcommand and return the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rank = _configure_logging()
+    if argv and argv[0] in ("-h", "--help"):
+        print(_top_help(prog), end="")
+        return 0
+    name = "train"
+    if argv and not argv[0].startswith("-") and "=" not in argv[0]:
+        name = argv.pop(0)
+        if name not in SUBCOMMANDS:
+            close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            print(f"{prog}: unknown subcommand {name!r}{hint} (one of: {', '.join(SUBCOMMANDS)})",
+                  file=sys.stderr)
+            return 2
+    command, _ = SUBCOMMANDS[name]
+    try:
+        return command(argv, prog)
+    except ConfigError as exc:
+        if rank == 0:  # every rank reads the same config: one message is enough
+            print(f"{prog}: config error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingFailed as exc:
+        if rank == 0:
+            print(f"{prog}: training failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    except Exception as exc:
+        lost_peer = _lost_peer_message(exc)
+        if lost_peer is None:
+            raise  # a bug or an error in user code: the traceback is what helps
+        print(f"{prog}: rank {rank}: {lost_peer}", file=sys.stderr)
+        return 1
+
+
+def _lost_peer_message(exc: Exception) -> str | None:
+    """A one-line message when ``exc`` means another rank died or hung, else None."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    peer_words = ("Connection closed by peer", "Connection reset by peer", "Timed out",
+                  "timed out", "Broken pipe", "NCCL communicator was aborted")
+    if isinstance(exc, dist.DistError) or any(word in text for word in peer_words):
+        first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return (f"lost contact with another rank, which died or hung ({first_line[:300]}); "
+                f"the job stops")
+    return None

@@ -1,0 +1,59 @@
+"""Best-metric tracking and early stopping, with state that survives a restart."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ddp_train.config import EarlyStoppingConfig
+from ddp_train.errors import ConfigError
+
+
+class EarlyStopping:
+    """Tracks the best value of one validation metric; says when patience has run out.
+
+    Every rank computes the same reduced validation metrics, so every rank reaches the
+    same decision; the trainer still reduces the decision so that no rank can differ.
+    """
+
+    def __init__(self, config: EarlyStoppingConfig) -> None:
+        self.config = config
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.best_metrics: dict[str, Any] = {}
+        self.bad_validations = 0
+
+    def _improves(self, value: float) -> bool:
+        if self.best_value is None:
+            return True
+        if self.config.mode == "min":
+            return value < self.best_value - self.config.min_delta
+        return value > self.best_value + self.config.min_delta
+
+    def update(self, metrics: dict[str, Any], step: int) -> bool:
+        """Record one validation; True when training should stop on this rank."""
+        if self.config.metric not in metrics:
+            names = ", ".join(sorted(k for k in metrics if k.startswith("val/")))
+            raise ConfigError("train.early_stopping.metric",
+                              f"expected a metric this validation reports ({names}), "
+                              f"got {self.config.metric!r}")
+        value = float(metrics[self.config.metric])
+        if not math.isnan(value) and self._improves(value):
+            self.best_value, self.best_step = value, step
+            self.best_metrics = dict(metrics)
+            self.bad_validations = 0
+        else:
+            self.bad_validations += 1
+        return self.config.enabled and self.bad_validations >= self.config.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-typed state (loadable with weights_only=True)."""
+        return {"best_value": self.best_value, "best_step": self.best_step,
+                "best_metrics": self.best_metrics, "bad_validations": self.bad_validations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`."""
+        self.best_value = state["best_value"]
+        self.best_step = state["best_step"]
+        self.best_metrics = dict(state["best_metrics"])
+        self.bad_validations = state["bad_validations"]

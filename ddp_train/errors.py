@@ -1,0 +1,20 @@
+"""Exceptions that the entry point turns into exit codes (DESIGN.md: 1 failed, 2 usage)."""
+
+from __future__ import annotations
+
+
+class ConfigError(Exception):
+    """Bad configuration or usage: reported without a traceback, exit code 2.
+
+    ``key`` is the dotted config key at fault (``""`` when the problem is not tied
+    to one key, e.g. an unreadable ``--config`` file).
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+class TrainingFailed(Exception):
+    """Training could not go on (non-finite loss, a lost rank): exit code 1, no traceback."""

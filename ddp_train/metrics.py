@@ -1,0 +1,101 @@
+"""Validation metrics from sums, so that they are exact at any world size.
+
+Each rank accumulates sums over its own shard of the validation set (no padding, no
+sample twice); one all-reduce adds the sums; the metrics are computed from the totals.
+A mean of per-rank means would weight ranks with fewer samples wrongly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+TASKS = ("classification", "regression", "language_model", "none")
+
+
+class MetricAccumulator:
+    """Sums for the loss and the task's metrics over the batches one rank sees."""
+
+    def __init__(self, task: str, device: torch.device) -> None:
+        self.task = task
+        self.device = device
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.samples = torch.zeros((), dtype=torch.float64, device=device)
+        self.confusion: torch.Tensor | None = None  # [target, prediction] counts
+        self.regression: torch.Tensor | None = None  # per output: Σy, Σy², Σ(ŷ-y)², Σ|ŷ-y|, n
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor, batch_loss: torch.Tensor) -> None:
+        """Add one batch; ``batch_loss`` is the loss function's mean over the batch."""
+        batch = targets.shape[0]
+        self.loss_sum += batch_loss.detach().double() * batch
+        self.samples += batch
+        if self.task in ("classification", "language_model"):
+            classes = outputs.shape[-1]
+            predictions = outputs.detach().reshape(-1, classes).argmax(dim=-1)
+            pairs = targets.reshape(-1).long() * classes + predictions
+            counts = torch.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
+            self.confusion = counts if self.confusion is None else self.confusion + counts
+        elif self.task == "regression":
+            y = targets.detach().double().reshape(batch, -1)
+            y_hat = outputs.detach().double().reshape(batch, -1)
+            stats = torch.stack([y.sum(0), (y * y).sum(0), ((y_hat - y) ** 2).sum(0),
+                                 (y_hat - y).abs().sum(0), torch.full_like(y[0], batch)])
+            self.regression = stats if self.regression is None else self.regression + stats
+
+    def compute(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        """Reduce the sums over ranks with ``reduce_sum`` and return ``val/...`` metrics."""
+        parts = [self.loss_sum.reshape(1), self.samples.reshape(1)]
+        extra = self.confusion if self.confusion is not None else self.regression
+        if extra is not None:
+            parts.append(extra.double().reshape(-1))
+        # One collective for everything; float64 holds counts exactly up to 2**53.
+        totals = reduce_sum(torch.cat(parts))
+        samples = totals[1].item()
+        metrics: dict[str, Any] = {"val/loss": totals[0].item() / max(samples, 1.0),
+                                   "val/samples": int(samples)}
+        if extra is not None:
+            rest = totals[2:].reshape(extra.shape).cpu()
+            if self.task == "regression":
+                metrics.update(_regression_metrics(rest))
+            else:
+                metrics.update(_classification_metrics(rest.long(), self.task))
+        if self.task == "language_model":
+            metrics["val/perplexity"] = math.exp(min(metrics["val/loss"], 700.0))
+        return metrics
+
+
+def _classification_metrics(confusion: torch.Tensor, task: str) -> dict[str, Any]:
+    total = confusion.sum().item()
+    correct = confusion.diagonal().sum().item()
+    metrics: dict[str, Any] = {"val/accuracy": correct / max(total, 1)}
+    if task == "language_model":
+        return metrics  # per-class scores over a vocabulary are noise, not insight
+    true_pos = confusion.diagonal().double()
+    predicted = confusion.sum(0).double()
+    actual = confusion.sum(1).double()
+    # Macro averages over the classes present in the targets or the predictions (as
+    # scikit-learn does over the labels it sees); a 0/0 ratio counts as 0.
+    present = (actual + predicted) > 0
+    precision = torch.where(predicted > 0, true_pos / predicted.clamp(min=1), torch.zeros_like(true_pos))
+    recall = torch.where(actual > 0, true_pos / actual.clamp(min=1), torch.zeros_like(true_pos))
+    denominator = precision + recall
+    f1 = torch.where(denominator > 0, 2 * precision * recall / denominator.clamp(min=1e-300),
+                     torch.zeros_like(true_pos))
+    metrics["val/precision_macro"] = precision[present].mean().item()
+    metrics["val/recall_macro"] = recall[present].mean().item()
+    metrics["val/f1_macro"] = f1[present].mean().item()
+    metrics["val/confusion_matrix"] = confusion.tolist()
+    return metrics
+
+
+def _regression_metrics(stats: torch.Tensor) -> dict[str, float]:
+    sum_y, sum_y2, sse, sae, count = stats
+    elements = count.sum().item()
+    # Total sum of squares per output around its own mean; R² is variance-weighted over
+    # outputs (scikit-learn's multioutput='variance_weighted'; plain R² for one output).
+    sst = (sum_y2 - sum_y * sum_y / count.clamp(min=1)).sum().item()
+    return {"val/mse": sse.sum().item() / max(elements, 1),
+            "val/mae": sae.sum().item() / max(elements, 1),
+            "val/r2": 1.0 - sse.sum().item() / sst if sst > 0 else float("nan")}

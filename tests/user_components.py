@@ -1,0 +1,49 @@
+"""A user's own factories, named in configs as 'user_components:...' (tests/ is on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+def tiny_mlp(in_features: int = 8, out_features: int = 3, hidden: int = 16) -> nn.Module:
+    """A small MLP without dropout or batch norm (equivalence tests need neither)."""
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, out_features))
+
+
+def blobs(n_train: int = 256, n_val: int = 101, in_features: int = 8, classes: int = 3,
+          seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """Separable-ish Gaussian blobs as plain TensorDatasets (no hints, no task attribute)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, in_features, generator=generator) * 2
+    def make(n: int) -> TensorDataset:
+        labels = torch.randint(0, classes, (n,), generator=generator)
+        inputs = centres[labels] + torch.randn(n, in_features, generator=generator)
+        return TensorDataset(inputs, labels)
+    return make(n_train), make(n_val)
+
+
+def nan_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A loss that becomes NaN from the 3rd call on."""
+    nan_loss.calls = getattr(nan_loss, "calls", 0) + 1  # type: ignore[attr-defined]
+    loss = nn.functional.cross_entropy(outputs, targets)
+    return loss * float("nan") if nan_loss.calls >= 3 else loss  # type: ignore[attr-defined]
+
+
+def rank1_crashes(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross entropy, except that rank 1 raises on its 5th call (a user bug on one rank)."""
+    rank1_crashes.calls = getattr(rank1_crashes, "calls", 0) + 1  # type: ignore[attr-defined]
+    if os.environ.get("RANK") == "1" and rank1_crashes.calls == 5:  # type: ignore[attr-defined]
+        raise RuntimeError("user loss exploded on rank 1")
+    return nn.functional.cross_entropy(outputs, targets)
+
+
+def not_a_module() -> int:
+    """A 'model factory' that returns the wrong thing."""
+    return 42
+
+
+NOT_CALLABLE = 3
