@@ -58,7 +58,10 @@ def _call_factory(factory: Callable[..., Any], args: dict[str, Any], key: str) -
         raise ConfigError(key, f"do not fit {getattr(factory, '__name__', factory)}: {exc}") from None
     except ValueError:  # no introspectable signature: let the call itself decide
         pass
-    return factory(**args)
+    try:
+        return factory(**args)
+    except ValueError as exc:  # a factory rejecting its arguments: bad input, not a bug
+        raise ConfigError(key, f"rejected by {getattr(factory, '__name__', factory)}: {exc}") from None
 
 
 def _with_hints(factory: Callable[..., Any], args: dict[str, Any], hints: dict[str, Any]

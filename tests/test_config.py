@@ -48,6 +48,8 @@ BAD_INPUTS = [
     (["data.batch_size=100000"], ["data.batch_size", "training samples"]),
     (["train.epochs=1", "no_equals_sign"], ["no_equals_sign", "dotted.key=value"]),
     (["model=3"], ["model", "mapping"]),
+    (["model.args.activation=swish"], ["model.args", "swish"]),
+    (["model.name=gpt", "data.name=chars", "model.args.n_head=3"], ["model.args", "divisible"]),
 ]
 
 

@@ -1,0 +1,199 @@
+"""DESIGN.md's distributed semantics, proven with real processes on gloo."""
+
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from sklearn import metrics as skm
+
+from conftest import load_model, read_summary, run_cli, spawn_ranks
+from ddp_train import Trainer, TrainConfig
+from ddp_train.config import load_config
+
+# A user model and data, SGD with momentum, fp32, shuffled, crossing an epoch boundary
+# (204 training samples / global batch 16 = 12 steps per epoch; 20 steps in all).
+EQUIV = ["model.name=user_components:tiny_mlp", "data.name=user_components:blobs",
+         "data.args.n_train=204", "data.args.n_val=50", "loss.name=cross_entropy",
+         "optim.name=sgd", "optim.lr=0.2", "optim.momentum=0.9", "schedule.name=cosine",
+         "schedule.warmup_steps=3", "train.max_steps=20", "train.epochs=5",
+         "logging.progress=none", "logging.every_steps=5"]
+
+
+def _train(workdir: Path, name: str, nproc: int, batch: int, accum: int,
+           extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    result = run_cli([*EQUIV, f"run.name={name}", f"data.batch_size={batch}",
+                      f"train.grad_accum_steps={accum}", *extra], cwd=workdir, nproc=nproc)
+    assert result.returncode == 0, result.stderr
+    summary = read_summary(workdir / "runs" / name)
+    assert summary["world_size"] == nproc and summary["global_step"] == 20
+    return load_model(workdir / "runs" / name)
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def _differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+@pytest.mark.timeout(240)
+def test_global_batch_equivalence(workdir: Path) -> None:
+    """N ranks × B ≡ 1 rank × N·B, and k micro-batches ≡ one batch k times larger."""
+    one_rank_16 = _train(workdir, "1x16", nproc=1, batch=16, accum=1)
+    two_ranks_8 = _train(workdir, "2x8", nproc=2, batch=8, accum=1)
+    _assert_same(one_rank_16, two_ranks_8)
+
+    one_rank_32 = _train(workdir, "1x32", nproc=1, batch=32, accum=1)
+    accum_4x8 = _train(workdir, "1x8x4", nproc=1, batch=8, accum=4)
+    two_ranks_accum = _train(workdir, "2x8x2", nproc=2, batch=8, accum=2)
+    _assert_same(one_rank_32, accum_4x8)
+    _assert_same(one_rank_32, two_ranks_accum)
+    # The comparison can fail: a different global batch gives different weights.
+    assert _differs(one_rank_16, one_rank_32)
+
+
+def _count_allreduces(rank: int, world_size: int) -> dict[str, Any]:
+    """Train 3 optimizer steps of 4 micro-batches; record when gradients are all-reduced."""
+    from user_components import blobs, tiny_mlp
+
+    micro_batches = 0
+    calls: list[int] = []
+
+    def counting_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        nonlocal micro_batches
+        micro_batches += 1
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+    def counting_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        calls.append(micro_batches)  # the micro-batch whose backward triggered the reduce
+        work = dist.all_reduce(bucket.buffer().div_(world_size), async_op=True)
+        return work.get_future().then(lambda fut: fut.value()[0])
+
+    config = load_config(None, ["train.grad_accum_steps=4", "train.max_steps=3", "data.batch_size=4",
+                                "logging.progress=none", "eval.task=none",
+                                "dist.bucket_cap_mb=100", f"run.output_dir=/tmp/unused-{rank}"])
+    train, val = blobs(n_train=96)
+    with Trainer(config, model=tiny_mlp(), train_dataset=train, val_dataset=None,
+                 loss_fn=counting_loss) as trainer:
+        assert trainer.ddp is not None
+        trainer.ddp.register_comm_hook(None, counting_hook)
+        trainer.fit()
+        steps = trainer.global_step
+    return {"calls": calls, "steps": steps, "micro_batches": micro_batches}
+
+
+@pytest.mark.timeout(120)
+def test_one_allreduce_per_optimizer_step(tmp_path: Path) -> None:
+    for result in spawn_ranks(_count_allreduces, 2, tmp_path):
+        assert result["steps"] == 3 and result["micro_batches"] == 12
+        # One bucket: exactly one all-reduce per optimizer step, on its last micro-batch.
+        assert result["calls"] == [4, 8, 12]
+
+
+def _validate_101(rank: int, world_size: int) -> dict[str, Any]:
+    """Validation metrics of fixed classification and regression models on 101 samples."""
+    # Two Trainers in one process: the caller owns the process group, the Trainers share it.
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    n, classes = 101, 5
+    inputs = torch.randn(n, 6)
+    problems = {"classification": (torch.randint(0, classes, (n,)), torch.nn.Linear(6, classes)),
+                "regression": (inputs @ torch.randn(6, 2) + 0.3 * torch.randn(n, 2), torch.nn.Linear(6, 2))}
+    results = {}
+    for task, (targets, model) in problems.items():
+        dataset = torch.utils.data.TensorDataset(inputs, targets)
+        loss = "cross_entropy" if task == "classification" else "mse"
+        config = load_config(None, [f"loss.name={loss}", "data.batch_size=8", "logging.progress=none",
+                                    f"run.output_dir=/tmp/unused-{rank}"])
+        with Trainer(config, model=model, train_dataset=dataset, val_dataset=dataset) as trainer:
+            metrics = trainer.evaluate()
+        with torch.no_grad():
+            results[task] = {"metrics": metrics, "outputs": model(inputs), "targets": targets}
+    assert dist.is_initialized(), "a Trainer must not tear down a process group it did not create"
+    dist.destroy_process_group()
+    return results
+
+
+def _direct_metrics(task: str, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+    """The same metrics computed directly over all samples (torch and scikit-learn)."""
+    if task == "classification":
+        predicted, y = outputs.argmax(1).numpy(), targets.numpy()
+        return {"val/loss": torch.nn.functional.cross_entropy(outputs, targets).item(),
+                "val/accuracy": skm.accuracy_score(y, predicted),
+                "val/precision_macro": skm.precision_score(y, predicted, average="macro", zero_division=0),
+                "val/recall_macro": skm.recall_score(y, predicted, average="macro", zero_division=0),
+                "val/f1_macro": skm.f1_score(y, predicted, average="macro", zero_division=0),
+                "val/confusion_matrix": skm.confusion_matrix(y, predicted, labels=range(5)).tolist()}
+    y, y_hat = targets.numpy(), outputs.numpy()
+    return {"val/loss": torch.nn.functional.mse_loss(outputs, targets).item(),
+            "val/mse": skm.mean_squared_error(y, y_hat), "val/mae": skm.mean_absolute_error(y, y_hat),
+            "val/r2": skm.r2_score(y, y_hat, multioutput="variance_weighted")}
+
+
+@pytest.mark.timeout(240)
+def test_validation_counts_every_sample_once(tmp_path: Path) -> None:
+    """101 samples at world sizes 1, 2, 3 (uneven shards) ≡ a direct computation."""
+    for world_size in (1, 2, 3):
+        for rank_result in spawn_ranks(_validate_101, world_size, tmp_path / str(world_size)):
+            for task, result in rank_result.items():  # every rank holds the same reduced metrics
+                got = result["metrics"]
+                assert got["val/samples"] == 101
+                for key, value in _direct_metrics(task, result["outputs"], result["targets"]).items():
+                    if isinstance(value, list):
+                        assert got[key] == value, (world_size, key)
+                    else:
+                        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (world_size, key)
+
+
+class _RankOneWantsToStop:
+    """Early stopping whose local verdict differs by rank (rank 1 says stop at once)."""
+
+    def __init__(self, inner: Any, rank: int) -> None:
+        self.inner, self.rank = inner, rank
+        self.config = inner.config
+
+    def update(self, metrics: dict[str, Any], step: int) -> bool:
+        return self.inner.update(metrics, step) or self.rank == 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _early_stop_disagreeing(rank: int, world_size: int) -> dict[str, Any]:
+    from user_components import blobs, tiny_mlp
+
+    config = load_config(None, ["train.epochs=6", "data.batch_size=8", "logging.progress=none",
+                                "train.early_stopping.enabled=true", f"run.output_dir=/tmp/es-{rank}"])
+    train, val = blobs()
+    with Trainer(config, model=tiny_mlp(), train_dataset=train, val_dataset=val) as trainer:
+        trainer.early_stopping = _RankOneWantsToStop(trainer.early_stopping, rank)  # type: ignore[assignment]
+        summary = trainer.fit()
+    return {"status": summary["status"], "step": summary["global_step"],
+            "epochs": summary["epochs_completed"]}
+
+
+@pytest.mark.timeout(120)
+def test_early_stopping_decision_is_shared_by_all_ranks(tmp_path: Path) -> None:
+    """Rank 1 alone wants to stop after the first epoch: both ranks stop there together."""
+    rank0, rank1 = spawn_ranks(_early_stop_disagreeing, 2, tmp_path)
+    assert rank0 == rank1 == {"status": "early_stopped", "step": 16, "epochs": 1}
+
+
+@pytest.mark.timeout(120)
+def test_early_stopping_two_ranks_cli(workdir: Path) -> None:
+    """A diverging LR makes val/loss worsen: both ranks stop at the same epoch, exit 0."""
+    result = run_cli(["model.name=user_components:tiny_mlp", "data.name=user_components:blobs",
+                      "optim.name=sgd", "optim.lr=4.0", "train.epochs=30", "data.batch_size=8",
+                      "train.early_stopping.enabled=true", "train.early_stopping.patience=2",
+                      "logging.progress=none"], cwd=workdir, nproc=2)
+    assert result.returncode == 0, result.stderr
+    summary = read_summary(workdir / "runs" / "default")
+    assert summary["status"] == "early_stopped"
+    assert summary["epochs_completed"] < 30
+    assert summary["best"]["step"] < summary["global_step"]
