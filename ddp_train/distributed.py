@@ -185,8 +185,14 @@ class DistEnv:
         if self.distributed:
             dist.barrier()
 
-    def close(self) -> None:
-        """Destroy the process group if this object created it."""
+    def close(self, barrier: bool = True) -> None:
+        """Destroy the process group if this object created it.
+
+        With ``barrier`` every rank first waits for the others, so that no rank tears its
+        group down while a peer still has collectives in flight.
+        """
         if self.owns_process_group and dist.is_initialized():
+            if barrier:
+                dist.barrier()
             dist.destroy_process_group()
         self.owns_process_group = False

@@ -7,6 +7,7 @@ runs epochs of optimizer steps, validates, and writes the run directory on rank 
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import logging
 import math
@@ -91,7 +92,8 @@ class Trainer:
         # Resolve every named part first: a bad name fails before any process group or file.
         data_factory = DATASETS.resolve(config.data.name) if train_dataset is None else None
         model_factory = MODELS.resolve(config.model.name) if model is None else None
-        self.loss_fn: LossFn = loss_fn or build_loss(config.loss.name, config.loss.args)
+        self.loss_fn: LossFn = (loss_fn if loss_fn is not None
+                                else build_loss(config.loss.name, config.loss.args))
 
         strategy = config.train.strategy
         self.env = DistEnv.setup(config.dist, config.run.device,
@@ -100,7 +102,7 @@ class Trainer:
             self._build(config, model, model_factory, train_dataset, val_dataset, data_factory,
                         loss_fn is None, sinks)
         except BaseException:
-            self.env.close()
+            self.env.close(barrier=False)
             raise
 
     def _build(self, config: TrainConfig, model: nn.Module | None,
@@ -392,18 +394,28 @@ class Trainer:
                                         "gap": val_loss - train_loss}
         return summary
 
-    def close(self) -> None:
-        """Close the sinks and tear the process group down (if this trainer created it)."""
+    def close(self, clean_exit: bool = True) -> None:
+        """Close the sinks and tear the process group down (if this trainer created it).
+
+        ``clean_exit=False`` (after an error) skips the final barrier: a dead peer would
+        hold it until the timeout.
+        """
         for sink in self.sinks:
             sink.close()
         self.sinks = []
-        self.env.close()
+        # DDP's reducer keeps the process group and its last pending work alive; left to
+        # interpreter shutdown, gloo's threads may release them after Python is gone
+        # (an abort at exit). Release them now, while everything is alive.
+        self.ddp = None
+        self.model = self.module
+        gc.collect()
+        self.env.close(barrier=clean_exit)
 
     def __enter__(self) -> Trainer:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        self.close(clean_exit=exc_type is None)
 
 
 def describe(trainer: Trainer) -> str:
