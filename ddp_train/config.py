@@ -185,6 +185,24 @@ class LoggingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Checkpoints for exact resume (rank 0 writes them under <run_dir>/checkpoints)."""
+
+    every_steps: int = 0
+    """Save every N optimizer steps (0: not by steps)."""
+    every_epochs: int = 1
+    """Save at the end of every N epochs (0: not by epochs); with either on, also at the end."""
+    keep_last: int = 2
+    """How many of the newest periodic checkpoints to keep."""
+    save_best: bool = False
+    """Also keep the checkpoint with the best train.early_stopping.metric, apart from keep_last."""
+    resume: str = "auto"
+    """auto: the newest complete checkpoint of this run (else start fresh); never; or a path."""
+    async_save: bool = False
+    """Copy the state to CPU, then write it in a background thread while training goes on."""
+
+
+@dataclass
 class DistConfig:
     """The process group and the DDP wrapper."""
 
@@ -220,6 +238,8 @@ class TrainConfig:
     """Validation."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Logging."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints and resume."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Distributed."""
 
@@ -263,6 +283,13 @@ class TrainConfig:
                "null or an integer >= 1", self.eval.batch_size)
         _check(self.logging.every_steps >= 1, "logging.every_steps", "an integer >= 1",
                self.logging.every_steps)
+        for key in ("every_steps", "every_epochs"):
+            value = getattr(self.checkpoint, key)
+            _check(value >= 0, f"checkpoint.{key}", "an integer >= 0 (0: off)", value)
+        _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1",
+               self.checkpoint.keep_last)
+        _check(self.checkpoint.resume.strip() != "", "checkpoint.resume",
+               "auto, never or a checkpoint path", self.checkpoint.resume)
         _check(self.dist.timeout_s > 0, "dist.timeout_s", "a number of seconds > 0",
                self.dist.timeout_s)
         _check(self.dist.bucket_cap_mb > 0, "dist.bucket_cap_mb", "a number > 0",

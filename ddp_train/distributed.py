@@ -15,6 +15,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -159,12 +160,30 @@ class DistEnv:
         else:
             if self.launcher == "slurm":
                 _slurm_rendezvous(dict(os.environ))
-            dist.init_process_group(self.backend, init_method="env://", rank=self.rank,
+            dist.init_process_group(self.backend, store=self._attempt_store(timeout), rank=self.rank,
                                     world_size=self.world_size, timeout=timeout,
                                     device_id=device_id)
         self.owns_process_group = True
         log.debug("rank %d/%d: process group %s on %s", self.rank, self.world_size,
                   self.backend, self.device)
+
+    def _attempt_store(self, timeout: datetime.timedelta) -> dist.Store:
+        """The rendezvous store (as ``env://`` would make it), namespaced per restart attempt.
+
+        torchrun's agent keeps one TCPStore for the whole job; after ``--max-restarts``
+        restarts the workers, a new worker can read the addresses a killed one published
+        and fail to connect (pytorch/pytorch#135712). Each attempt gets its own keys.
+        """
+        try:
+            host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        except (KeyError, ValueError):
+            raise ConfigError("", "MASTER_ADDR and MASTER_PORT must be set (torchrun sets them)") from None
+        agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(host, port, self.world_size,
+                              is_master=not agent_hosts_store and self.rank == 0,
+                              timeout=timeout, multi_tenant=not agent_hosts_store)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return dist.PrefixStore(f"ddp_train/attempt_{attempt}", store)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over ranks in place (no-op without a process group) and return it."""
@@ -179,6 +198,22 @@ class DistEnv:
         tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item() > 0)
+
+    def broadcast_from_main(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a picklable object; no-op without a process group)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_to_main(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj``, in rank order, on rank 0; None on the other ranks."""
+        if not self.distributed:
+            return [obj]
+        gathered: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
 
     def barrier(self) -> None:
         """Wait for every rank (no-op without a process group)."""

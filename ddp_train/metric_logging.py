@@ -24,10 +24,24 @@ class MetricSink(Protocol):
 
 
 class JsonlSink:
-    """One JSON object per line, flushed per record so a crash loses at most one line."""
+    """One JSON object per line, flushed per record so a crash loses at most one line.
 
-    def __init__(self, path: Path) -> None:
+    ``keep_through_step``: a resumed run keeps the records up to that step and drops the
+    later ones (logged after the checkpoint it resumes from, and about to be redone).
+    """
+
+    def __init__(self, path: Path, keep_through_step: int | None = None) -> None:
+        kept: list[str] = []
+        if keep_through_step is not None and path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["step"] <= keep_through_step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by a kill
         self._file = path.open("w", encoding="utf-8")
+        self._file.writelines(kept)
+        self._file.flush()
 
     def log(self, record: dict[str, Any]) -> None:
         """Append ``record`` as a line (non-finite floats become null: JSON has no NaN)."""
@@ -57,14 +71,16 @@ class ConsoleSink:
     tqdm is installed).
     """
 
-    def __init__(self, mode: str, total_steps: int, stream: TextIO | None = None) -> None:
+    def __init__(self, mode: str, total_steps: int, initial: int = 0,
+                 stream: TextIO | None = None) -> None:
         self._stream = stream or sys.stderr
         self._bar: Any = None
         if mode == "auto":
             mode = "bar" if self._stream.isatty() and _has_tqdm() else "lines"
         if mode == "bar":
             from tqdm.auto import tqdm  # optional extra: ddp_train[progress]
-            self._bar = tqdm(total=total_steps, unit="step", file=self._stream, dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=initial, unit="step", file=self._stream,
+                             dynamic_ncols=True)
         self._mode = mode
 
     def advance(self, step: int) -> None:

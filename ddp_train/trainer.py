@@ -7,16 +7,18 @@ runs epochs of optimizer steps, validates, and writes the run directory on rank 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import inspect
 import logging
 import math
 import os
 import platform
-import random
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -24,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 import ddp_train
-from ddp_train.config import TrainConfig, config_to_yaml
+from ddp_train.checkpoint import FORMAT_VERSION, CheckpointManager, read_checkpoint
+from ddp_train.config import TrainConfig, config_to_dict, config_to_yaml
 from ddp_train.data import eval_loader, to_device, train_loader
 from ddp_train.datasets import DATASETS
 from ddp_train.distributed import DistEnv
@@ -36,20 +39,26 @@ from ddp_train.metrics import MetricAccumulator
 from ddp_train.models import MODELS, apply_init, apply_norm, plain_state_dict
 from ddp_train.optim import build_optimizer, build_schedule
 from ddp_train.precision import Precision
+from ddp_train.preemption import PreemptionWatch
+from ddp_train.rng import capture_rng, restore_rng, seed_everything
 from ddp_train.run_dir import RunDirectory
 
 log = logging.getLogger("ddp_train")
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and CUDA) generators."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-    except ImportError:  # NumPy is optional for library users; nothing to seed then
-        return
-    np.random.seed(seed % 2**32)
+@dataclass
+class TrainingProgress:
+    """Where training stands; saved in every checkpoint (plain types only)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    epochs_completed: int = 0
+    status: str = "running"
+    last_val_step: int = -1
+    last_val: dict[str, Any] = field(default_factory=dict)
+    train_loss_since_val: float | None = None
+    wall_time_s: float = 0.0
 
 
 def _call_factory(factory: Callable[..., Any], args: dict[str, Any], key: str) -> Any:
@@ -73,6 +82,31 @@ def _with_hints(factory: Callable[..., Any], args: dict[str, Any], hints: dict[s
     except (TypeError, ValueError):
         return dict(args)
     return {**{k: v for k, v in hints.items() if k in accepted}, **args}
+
+
+# Keys that may differ between a checkpoint's run and the resumed one without a warning.
+_RESUME_FREE_KEYS = ("run.", "checkpoint.", "logging.", "dist.timeout_s", "train.max_steps",
+                     "train.epochs", "train.compile", "eval.")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "args":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
+    """Warn when a resumed run changes what the checkpoint was trained with."""
+    old, new = _flatten(saved), _flatten(current)
+    changed = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
+               if old.get(key) != new.get(key) and not key.startswith(_RESUME_FREE_KEYS)]
+    if changed:
+        log.warning("resuming from %s with a different config, so the run is not an exact "
+                    "continuation: %s", path, "; ".join(changed))
 
 
 class Trainer:
@@ -190,13 +224,16 @@ class Trainer:
                 LOSS_TASKS.get(config.loss.name, "none") if builtin_loss else "none")
         self.task = task
 
-        # Progress: what must survive a restart lives in these counters.
-        self.global_step = 0
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self.epochs_completed = 0
+        # What must survive a restart: progress here, the rest in the objects above.
+        self.progress = TrainingProgress()
+        # Loss sums stay on the device between log steps (no host sync in the hot loop):
+        # index 0 since the last log, index 1 since the last validation.
+        self._loss_sums = torch.zeros(2, dtype=torch.float64, device=device)
+        self._micro_since = [0, 0]
 
-        # Outputs (rank 0 only).
+        # Resume (every rank loads the checkpoint rank 0 chose), then the outputs.
+        self.checkpoints = CheckpointManager(config.run_dir / "checkpoints", config.checkpoint)
+        resumed = self._resume()
         self.run_dir = RunDirectory(config.run_dir)
         self.sinks: list[MetricSink] = list(sinks)
         self.console: ConsoleSink | None = None
@@ -205,102 +242,230 @@ class Trainer:
             self.run_dir.write_config(config_to_yaml(config, {"versions": {
                 "ddp_train": ddp_train.__version__, "torch": str(torch.__version__),
                 "python": platform.python_version()}}))
-            self.console = ConsoleSink(config.logging.progress, self.total_steps)
-            self.sinks += [JsonlSink(self.run_dir.metrics_path), self.console]
+            self.console = ConsoleSink(config.logging.progress, self.total_steps,
+                                       initial=self.progress.global_step)
+            # A resumed run keeps the metrics up to its checkpoint and drops those of the
+            # steps it is about to redo, so metrics.jsonl reads as one uninterrupted run.
+            self.sinks += [JsonlSink(self.run_dir.metrics_path,
+                                     keep_through_step=self.progress.global_step if resumed else None),
+                           self.console]
+
+    # -----------------------------------------------------------------------------------
+    # State: everything a restart needs, loadable with weights_only=True.
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full training state; a collective (call on every rank), complete on rank 0.
+
+        Per-rank parts (RNG streams, unlogged loss sums) are gathered from every rank;
+        other ranks get an empty dict.
+        """
+        per_rank = {"rng": capture_rng(self.env.device), "loss_sums": self._loss_sums.cpu(),
+                    "micro_since": list(self._micro_since)}
+        ranks = self.env.gather_to_main(per_rank)
+        if not self.env.is_main:
+            return {}
+        return {"format_version": FORMAT_VERSION, "model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "precision": self.precision.state_dict(),
+                "early_stopping": self.early_stopping.state_dict(),
+                "progress": dataclasses.asdict(self.progress),
+                "sampler": self.train_loader.sampler.state_dict(),  # type: ignore[union-attr]
+                "ranks": ranks, "world_size": self.env.world_size,
+                "config": config_to_dict(self.config)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` as if never interrupted (same data order and RNG streams)."""
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.load_state_dict(state["precision"])
+        self.early_stopping.load_state_dict(state["early_stopping"])
+        self.progress = TrainingProgress(**state["progress"])
+        ranks = state["ranks"]
+        if len(ranks) == self.env.world_size:
+            mine = ranks[self.env.rank]
+            restore_rng(mine["rng"], self.env.device)
+            self._loss_sums.copy_(mine["loss_sums"])
+            self._micro_since = list(mine["micro_since"])
+        else:
+            log.warning("the checkpoint comes from world size %d, this job has %d: the data "
+                        "order is kept, but per-rank random streams (dropout) start afresh",
+                        len(ranks), self.env.world_size)
+
+    def _resume(self) -> bool:
+        """Load the checkpoint ``checkpoint.resume`` names; True when one was loaded."""
+        mode = self.config.checkpoint.resume
+        found: tuple[dict[str, Any], Path] | None = None
+        error: tuple[str, str] | None = None
+        if self.env.is_main:
+            self.checkpoints.remove_stale_temporaries()
+            try:
+                if mode == "never":
+                    self.checkpoints.remove_all()
+                elif mode == "auto":
+                    found = self.checkpoints.load_newest()
+                else:
+                    found = self.checkpoints.load_path(Path(mode))
+            except ConfigError as exc:
+                error = (exc.key, exc.message)
+        # Rank 0 chooses, so that every rank resumes from the same file.
+        path, error = self.env.broadcast_from_main((str(found[1]) if found else None, error))
+        if error is not None:
+            raise ConfigError(*error)
+        if path is None:
+            return False
+        if found is not None:
+            state = found[0]
+        else:
+            try:
+                state = read_checkpoint(Path(path))
+            except ValueError as exc:
+                raise TrainingFailed(f"rank {self.env.rank} cannot read checkpoint {path} that "
+                                     f"rank 0 chose: it {exc} (is the run directory shared?)") from None
+        _warn_config_changes(state.get("config", {}), config_to_dict(self.config), path)
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            # Typically a run name reused for a different model or optimizer.
+            raise ConfigError("checkpoint.resume", f"checkpoint {path} does not fit this run "
+                                                   f"({str(exc).splitlines()[0][:300]}); start over "
+                                                   f"with checkpoint.resume=never or choose another "
+                                                   f"run.name") from None
+        if self.progress.status == "completed" and self.progress.global_step < self.total_steps:
+            self.progress.status = "running"  # the config now asks for more steps
+        log.info("resuming from %s at step %d (epoch %d, step %d of it)", path,
+                 self.progress.global_step, self.progress.epoch, self.progress.step_in_epoch)
+        return True
 
     # -----------------------------------------------------------------------------------
     # Training.
 
     def fit(self) -> dict[str, Any]:
-        """Train to the end (epochs, max_steps or early stopping); returns the summary.
+        """Train to the end (epochs, max_steps, early stopping or preemption); returns the summary.
 
         The summary is also written to ``summary.json`` by rank 0, with status ``failed``
         when training raised.
         """
         started = time.perf_counter()
-        self._last_val: dict[str, Any] = {}
-        self._last_val_step = -1
-        self._train_loss_since_val: float | None = None
+        previous_wall_time = self.progress.wall_time_s
         status = "failed"
         try:
-            status = self._train()
-            self._write_model()
+            with PreemptionWatch(self.env) as preemption:
+                try:
+                    status = self._train(preemption, started, previous_wall_time)
+                finally:
+                    preemption.drain()
+            if status != "preempted":
+                self._write_model()
         finally:
-            summary = self._summary(status, time.perf_counter() - started)
+            if self.env.is_main:
+                self.checkpoints.wait()
+            self.progress.wall_time_s = previous_wall_time + time.perf_counter() - started
+            summary = self._summary(status)
             if self.env.is_main:
                 self.run_dir.write_summary(summary)
         return summary
 
-    def _train(self) -> str:
-        config = self.config
+    def _train(self, preemption: PreemptionWatch, started: float, previous_wall_time: float) -> str:
+        config, progress = self.config, self.progress
+        if progress.status != "running" or progress.global_step >= self.total_steps:
+            return progress.status if progress.status != "running" else "completed"
         accum = config.train.grad_accum_steps
-        log_every = config.logging.every_steps
-        val_every = config.eval.every_steps
+        log_every, val_every = config.logging.every_steps, config.eval.every_steps
         global_batch = self.env.world_size * config.data.batch_size * accum
-        # Loss sums stay on the device between log steps: no host sync in the hot loop.
-        # Index 0 sums since the last log, index 1 since the last validation.
-        loss_sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)
-        micro_since = [0, 0]
-        window_start = time.perf_counter()
-        grad_norm: torch.Tensor | None = None
-        stop = False
+        batches: Iterator[Any] | None = None
+        window_start, window_steps = time.perf_counter(), 0
 
         self.module.train()
-        while self.epoch < config.train.epochs and self.global_step < self.total_steps and not stop:
-            self.train_loader.sampler.set_epoch(self.epoch)  # type: ignore[union-attr]
-            batches = iter(self.train_loader)
-            while self.step_in_epoch < self.steps_per_epoch:
-                for micro in range(accum):
-                    inputs, targets = to_device(next(batches), self.env.device)
-                    # Only the last micro-batch all-reduces; no_sync must cover both the
-                    # forward and the backward pass to suppress DDP's reducer.
-                    syncing = micro == accum - 1 or self.ddp is None
-                    with nullcontext() if syncing else self.ddp.no_sync():  # type: ignore[union-attr]
-                        with self.precision.autocast():
-                            loss = self.loss_fn(self.model(inputs), targets)
-                        self.precision.backward(loss / accum)
-                    loss_sums += loss.detach()
-                grad_norm = self._clip_gradients()
-                self.precision.step(self.optimizer)
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.global_step += 1
-                self.step_in_epoch += 1
-                micro_since[0] += accum
-                micro_since[1] += accum
-                if self.console is not None:
-                    self.console.advance(self.global_step)
+        while True:
+            if batches is None:
+                batches = self._epoch_batches()
+            grad_norm, lr = self._optimizer_step(batches)
+            progress.global_step += 1
+            progress.step_in_epoch += 1
+            window_steps += 1
+            if self.console is not None:
+                self.console.advance(progress.global_step)
 
-                if self.global_step % log_every == 0:
-                    now = time.perf_counter()
-                    train_loss = self._mean_loss(loss_sums, micro_since, slot=0)
-                    record: dict[str, Any] = {
-                        "step": self.global_step, "epoch": self.epoch, "train/loss": train_loss,
-                        "train/lr": lr,
-                        "train/samples_per_s": global_batch * log_every / (now - window_start)}
-                    if grad_norm is not None:
-                        record["train/grad_norm"] = grad_norm.item()
-                    self._log(record)
-                    window_start = time.perf_counter()  # logging time is not step time
+            if progress.global_step % log_every == 0:
+                record: dict[str, Any] = {
+                    "step": progress.global_step, "epoch": progress.epoch,
+                    "train/loss": self._mean_loss(slot=0), "train/lr": lr,
+                    "train/samples_per_s": global_batch * window_steps / (time.perf_counter() - window_start)}
+                if grad_norm is not None:
+                    record["train/grad_norm"] = grad_norm.item()
+                self._log(record)
+                window_start, window_steps = time.perf_counter(), 0  # logging is not step time
 
-                done = self.global_step >= self.total_steps
-                # Mid-epoch validation; the epoch's last step validates below instead.
-                if (val_every and self.global_step % val_every == 0 and not done
-                        and self.step_in_epoch < self.steps_per_epoch):
-                    stop = self._validate(loss_sums, micro_since)
-                if done or stop:
-                    break
-            del batches  # shuts worker processes of an unfinished epoch down
-            if self.step_in_epoch == self.steps_per_epoch:
-                self.epochs_completed += 1
-                stop = self._validate(loss_sums, micro_since) or stop
-                self.epoch += 1
-                self.step_in_epoch = 0
-        # Training ended mid-epoch (max_steps): validate the final model too.
-        if self._last_val_step != self.global_step:
-            stop = self._validate(loss_sums, micro_since) or stop
-        return "early_stopped" if stop and self.global_step < self.total_steps else "completed"
+            done = progress.global_step >= self.total_steps
+            epoch_end = progress.step_in_epoch == self.steps_per_epoch
+            validated = stop = False
+            if epoch_end or done or (val_every and progress.global_step % val_every == 0):
+                stop, validated = self._validate(), True
+            if epoch_end:
+                progress.epochs_completed += 1
+                progress.epoch += 1
+                progress.step_in_epoch = 0
+                batches = None  # ends the epoch's iterator (and its worker processes)
+            preempted = preemption.agreed()
+
+            status = ("completed" if done else "early_stopped" if stop
+                      else "preempted" if preempted else "running")
+            if status != "preempted":
+                progress.status = status
+            best = (validated and config.checkpoint.save_best
+                    and self.early_stopping.best_step == progress.global_step)
+            if self._checkpoint_due(epoch_end, status) or best:
+                progress.wall_time_s = previous_wall_time + time.perf_counter() - started
+                self._save_checkpoint(periodic=self._checkpoint_due(epoch_end, status), best=best)
+            if status != "running":
+                return status
+
+    def _epoch_batches(self) -> Iterator[Any]:
+        """An iterator over the rest of the current epoch (all of it, unless resuming mid-epoch)."""
+        config, progress, env = self.config, self.progress, self.env
+        # Worker seeds depend on (seed, rank, epoch) only, so a resumed run draws the same.
+        self.train_loader.generator.manual_seed(  # type: ignore[union-attr]
+            (config.run.seed * 1_000_003 + progress.epoch) * 1009 + env.rank)
+        start = progress.step_in_epoch * config.train.grad_accum_steps * config.data.batch_size
+        self.train_loader.sampler.set_position(progress.epoch, start)  # type: ignore[union-attr]
+        return iter(self.train_loader)
+
+    def _optimizer_step(self, batches: Iterator[Any]) -> tuple[torch.Tensor | None, float]:
+        """One optimizer step over grad_accum_steps micro-batches; returns (grad norm, LR used)."""
+        accum = self.config.train.grad_accum_steps
+        for micro in range(accum):
+            inputs, targets = to_device(next(batches), self.env.device)
+            # Only the last micro-batch all-reduces; no_sync must cover both the forward
+            # and the backward pass to suppress DDP's reducer.
+            syncing = micro == accum - 1 or self.ddp is None
+            with nullcontext() if syncing else self.ddp.no_sync():  # type: ignore[union-attr]
+                with self.precision.autocast():
+                    loss = self.loss_fn(self.model(inputs), targets)
+                self.precision.backward(loss / accum)
+            self._loss_sums += loss.detach()
+        self._micro_since[0] += accum
+        self._micro_since[1] += accum
+        grad_norm = self._clip_gradients()
+        self.precision.step(self.optimizer)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return grad_norm, lr
+
+    def _checkpoint_due(self, epoch_end: bool, status: str) -> bool:
+        every_steps, every_epochs = self.config.checkpoint.every_steps, self.config.checkpoint.every_epochs
+        if status == "preempted":
+            return True
+        if status != "running":  # the end of training, if checkpointing is on at all
+            return every_steps > 0 or every_epochs > 0
+        return ((every_steps > 0 and self.progress.global_step % every_steps == 0)
+                or (epoch_end and every_epochs > 0 and self.progress.epochs_completed % every_epochs == 0))
+
+    def _save_checkpoint(self, periodic: bool, best: bool) -> None:
+        state = self.state_dict()  # a collective: every rank takes part
+        if self.env.is_main:
+            self.checkpoints.save(state, self.progress.global_step, periodic=periodic, best=best)
 
     def _clip_gradients(self) -> torch.Tensor | None:
         """Unscale, then clip by value and/or norm; returns the pre-clip global norm if measured."""
@@ -314,35 +479,36 @@ class Trainer:
             return torch.nn.utils.clip_grad_norm_(self.module.parameters(), train.clip_grad_norm)
         return None
 
-    def _mean_loss(self, loss_sums: torch.Tensor, counts: list[int], slot: int) -> float:
+    def _mean_loss(self, slot: int) -> float:
         """Mean micro-batch loss over all ranks since the slot was last read; resets it."""
-        totals = self.env.all_reduce_sum(
-            torch.stack([loss_sums[slot], torch.tensor(float(counts[slot]), dtype=torch.float64,
-                                                       device=loss_sums.device)]))
-        loss_sums[slot] = 0.0
-        counts[slot] = 0
+        count = torch.tensor(float(self._micro_since[slot]), dtype=torch.float64,
+                             device=self._loss_sums.device)
+        totals = self.env.all_reduce_sum(torch.stack([self._loss_sums[slot], count]))
+        self._loss_sums[slot] = 0.0
+        self._micro_since[slot] = 0
         mean = (totals[0] / totals[1].clamp(min=1)).item()
         if not math.isfinite(mean):
             # Every rank sees the same reduced value, so every rank raises together.
             raise TrainingFailed(f"non-finite training loss ({mean}) at or before optimizer step "
-                                 f"{self.global_step}: lower optim.lr, set train.clip_grad_norm, "
-                                 f"or check the data")
+                                 f"{self.progress.global_step}: lower optim.lr, set "
+                                 f"train.clip_grad_norm, or check the data")
         return mean
 
-    def _validate(self, loss_sums: torch.Tensor, micro_since: list[int]) -> bool:
+    def _validate(self) -> bool:
         """Validate, log, track the best; True when every rank should stop early."""
-        self._last_val_step = self.global_step
-        if micro_since[1]:
-            self._train_loss_since_val = self._mean_loss(loss_sums, micro_since, slot=1)
+        progress = self.progress
+        progress.last_val_step = progress.global_step
+        if self._micro_since[1]:
+            progress.train_loss_since_val = self._mean_loss(slot=1)
         if self.val_loader is None:
             return False
         metrics = self.evaluate()
-        self._last_val = metrics
-        record = {"step": self.global_step, "epoch": self.epoch, **metrics}
-        if self._train_loss_since_val is not None:
-            record["train/loss_avg"] = self._train_loss_since_val
+        progress.last_val = metrics
+        record = {"step": progress.global_step, "epoch": progress.epoch, **metrics}
+        if progress.train_loss_since_val is not None:
+            record["train/loss_avg"] = progress.train_loss_since_val
         self._log(record)
-        return self.env.any_rank(self.early_stopping.update(metrics, self.global_step))
+        return self.env.any_rank(self.early_stopping.update(metrics, progress.global_step))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -376,17 +542,17 @@ class Trainer:
         if self.env.is_main:
             self.run_dir.write_model(plain_state_dict(self.module))
 
-    def _summary(self, status: str, wall_time_s: float) -> dict[str, Any]:
-        stopping = self.early_stopping
+    def _summary(self, status: str) -> dict[str, Any]:
+        progress, stopping = self.progress, self.early_stopping
         best: dict[str, Any] = {}
         if stopping.best_step is not None:
             best = {"step": stopping.best_step, "metric": stopping.config.metric,
                     **stopping.best_metrics}
         summary: dict[str, Any] = {
-            "status": status, "global_step": self.global_step,
-            "epochs_completed": self.epochs_completed, "world_size": self.env.world_size,
-            "final": self._last_val, "best": best, "wall_time_s": wall_time_s}
-        train_loss, val_loss = self._train_loss_since_val, self._last_val.get("val/loss")
+            "status": status, "global_step": progress.global_step,
+            "epochs_completed": progress.epochs_completed, "world_size": self.env.world_size,
+            "final": progress.last_val, "best": best, "wall_time_s": progress.wall_time_s}
+        train_loss, val_loss = progress.train_loss_since_val, progress.last_val.get("val/loss")
         if train_loss is not None and val_loss is not None:
             # The over/underfitting signal: a large positive gap means the model fits the
             # training set much better than unseen data.
@@ -400,6 +566,8 @@ class Trainer:
         ``clean_exit=False`` (after an error) skips the final barrier: a dead peer would
         hold it until the timeout.
         """
+        if self.env.is_main:
+            self.checkpoints.wait()
         for sink in self.sinks:
             sink.close()
         self.sinks = []

@@ -58,7 +58,7 @@ def test_global_batch_equivalence(workdir: Path) -> None:
     assert _differs(one_rank_16, one_rank_32)
 
 
-def _count_allreduces(rank: int, world_size: int) -> dict[str, Any]:
+def _count_allreduces(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
     """Train 3 optimizer steps of 4 micro-batches; record when gradients are all-reduced."""
     from user_components import blobs, tiny_mlp
 
@@ -77,26 +77,26 @@ def _count_allreduces(rank: int, world_size: int) -> dict[str, Any]:
 
     config = load_config(None, ["train.grad_accum_steps=4", "train.max_steps=3", "data.batch_size=4",
                                 "logging.progress=none", "eval.task=none",
-                                "dist.bucket_cap_mb=100", f"run.output_dir=/tmp/unused-{rank}"])
+                                "dist.bucket_cap_mb=100", f"run.output_dir={out_dir}/runs{rank}"])
     train, val = blobs(n_train=96)
     with Trainer(config, model=tiny_mlp(), train_dataset=train, val_dataset=None,
                  loss_fn=counting_loss) as trainer:
         assert trainer.ddp is not None
         trainer.ddp.register_comm_hook(None, counting_hook)
         trainer.fit()
-        steps = trainer.global_step
+        steps = trainer.progress.global_step
     return {"calls": calls, "steps": steps, "micro_batches": micro_batches}
 
 
 @pytest.mark.timeout(120)
 def test_one_allreduce_per_optimizer_step(tmp_path: Path) -> None:
-    for result in spawn_ranks(_count_allreduces, 2, tmp_path):
+    for result in spawn_ranks(_count_allreduces, 2, tmp_path, str(tmp_path)):
         assert result["steps"] == 3 and result["micro_batches"] == 12
         # One bucket: exactly one all-reduce per optimizer step, on its last micro-batch.
         assert result["calls"] == [4, 8, 12]
 
 
-def _validate_101(rank: int, world_size: int) -> dict[str, Any]:
+def _validate_101(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
     """Validation metrics of fixed classification and regression models on 101 samples."""
     # Two Trainers in one process: the caller owns the process group, the Trainers share it.
     dist.init_process_group("gloo")
@@ -110,7 +110,7 @@ def _validate_101(rank: int, world_size: int) -> dict[str, Any]:
         dataset = torch.utils.data.TensorDataset(inputs, targets)
         loss = "cross_entropy" if task == "classification" else "mse"
         config = load_config(None, [f"loss.name={loss}", "data.batch_size=8", "logging.progress=none",
-                                    f"run.output_dir=/tmp/unused-{rank}"])
+                                    f"run.output_dir={out_dir}/runs{rank}", f"run.name={task}"])
         with Trainer(config, model=model, train_dataset=dataset, val_dataset=dataset) as trainer:
             metrics = trainer.evaluate()
         with torch.no_grad():
@@ -140,7 +140,8 @@ def _direct_metrics(task: str, outputs: torch.Tensor, targets: torch.Tensor) -> 
 def test_validation_counts_every_sample_once(tmp_path: Path) -> None:
     """101 samples at world sizes 1, 2, 3 (uneven shards) ≡ a direct computation."""
     for world_size in (1, 2, 3):
-        for rank_result in spawn_ranks(_validate_101, world_size, tmp_path / str(world_size)):
+        out_dir = tmp_path / str(world_size)
+        for rank_result in spawn_ranks(_validate_101, world_size, out_dir, str(out_dir)):
             for task, result in rank_result.items():  # every rank holds the same reduced metrics
                 got = result["metrics"]
                 assert got["val/samples"] == 101
@@ -165,11 +166,11 @@ class _RankOneWantsToStop:
         return getattr(self.inner, name)
 
 
-def _early_stop_disagreeing(rank: int, world_size: int) -> dict[str, Any]:
+def _early_stop_disagreeing(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
     from user_components import blobs, tiny_mlp
 
     config = load_config(None, ["train.epochs=6", "data.batch_size=8", "logging.progress=none",
-                                "train.early_stopping.enabled=true", f"run.output_dir=/tmp/es-{rank}"])
+                                "train.early_stopping.enabled=true", f"run.output_dir={out_dir}/runs{rank}"])
     train, val = blobs()
     with Trainer(config, model=tiny_mlp(), train_dataset=train, val_dataset=val) as trainer:
         trainer.early_stopping = _RankOneWantsToStop(trainer.early_stopping, rank)  # type: ignore[assignment]
@@ -181,7 +182,7 @@ def _early_stop_disagreeing(rank: int, world_size: int) -> dict[str, Any]:
 @pytest.mark.timeout(120)
 def test_early_stopping_decision_is_shared_by_all_ranks(tmp_path: Path) -> None:
     """Rank 1 alone wants to stop after the first epoch: both ranks stop there together."""
-    rank0, rank1 = spawn_ranks(_early_stop_disagreeing, 2, tmp_path)
+    rank0, rank1 = spawn_ranks(_early_stop_disagreeing, 2, tmp_path, str(tmp_path))
     assert rank0 == rank1 == {"status": "early_stopped", "step": 16, "epochs": 1}
 
 

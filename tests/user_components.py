@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,3 +50,21 @@ def not_a_module() -> int:
 
 
 NOT_CALLABLE = 3
+
+
+def killer_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross entropy; on the first attempt of a torchrun job, rank KILL_RANK SIGKILLs itself
+    at its KILL_AT-th call (training and validation calls both count)."""
+    killer_loss.calls = getattr(killer_loss, "calls", 0) + 1  # type: ignore[attr-defined]
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if (first_attempt and os.environ.get("RANK") == os.environ.get("KILL_RANK")
+            and killer_loss.calls == int(os.environ.get("KILL_AT", "-1"))):  # type: ignore[attr-defined]
+        Path(f"killed-rank{os.environ['RANK']}").write_text(str(killer_loss.calls))  # type: ignore[attr-defined]
+        os.kill(os.getpid(), signal.SIGKILL)
+    return nn.functional.cross_entropy(outputs, targets)
+
+
+def slow_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross entropy that takes at least 10 ms: gives a test time to signal a running job."""
+    time.sleep(0.01)
+    return nn.functional.cross_entropy(outputs, targets)
