@@ -322,7 +322,8 @@ class Trainer:
             except ValueError as exc:
                 raise TrainingFailed(f"rank {self.env.rank} cannot read checkpoint {path} that "
                                      f"rank 0 chose: it {exc} (is the run directory shared?)") from None
-        _warn_config_changes(state.get("config", {}), config_to_dict(self.config), path)
+        if self.env.is_main:
+            _warn_config_changes(state.get("config", {}), config_to_dict(self.config), path)
         try:
             self.load_state_dict(state)
         except (RuntimeError, ValueError, KeyError) as exc:
