@@ -10,6 +10,7 @@ import argparse
 import difflib
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -17,6 +18,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from ddp_train.config import config_to_yaml, load_config
 from ddp_train.distributed import read_launch_info
 from ddp_train.errors import ConfigError, TrainingFailed
+from ddp_train.plot import plot_run
 
 log = logging.getLogger("ddp_train")
 
@@ -56,8 +58,24 @@ def train_command(argv: list[str], prog: str) -> int:
     return 0
 
 
+def plot_command(argv: list[str], prog: str) -> int:
+    """``plot``: PNG charts of a run's metrics.jsonl under RUN_DIR/plots."""
+    parser = argparse.ArgumentParser(
+        prog=f"{prog} plot", description="Draw a run's metrics.jsonl as PNG charts under "
+                                         "RUN_DIR/plots: loss (train vs validation, best step "
+                                         "marked), the task metric, learning rate, throughput and "
+                                         "gradient norm. Needs matplotlib: pip install \"ddp_train[plot]\".")
+    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path,
+                        help="a run directory (<run.output_dir>/<run.name>)")
+    args = parser.parse_args(argv)
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[list[str], str], int], str]] = {
     "train": (train_command, "train a model (the default)"),
+    "plot": (plot_command, "draw a run's metrics as PNG charts"),
 }
 
 
@@ -106,7 +124,7 @@ def main(argv: list[str] | None = None, prog: str = "ddp-train") -> int:
             print(f"{prog}: config error: {exc}", file=sys.stderr)
         return 2
     except TrainingFailed as exc:
-        if rank == 0:
+        if rank == 0 or not exc.shared:
             print(f"{prog}: training failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

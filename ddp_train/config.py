@@ -158,6 +158,10 @@ class LoopConfig:
     """auto = ddp when world size > 1, none otherwise; ddp; fsdp (not available yet)."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient norm: stop (exit 1, status failed) or skip that step on all ranks."""
+    max_nonfinite_skips: int = 10
+    """With nonfinite=skip: stop after this many skipped steps in a row."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """Early stopping."""
 
@@ -182,6 +186,46 @@ class LoggingConfig:
     """Log train/* metrics every N optimizer steps."""
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
     """auto = a progress bar on a terminal (tqdm installed), plain lines otherwise."""
+    system_metrics: bool = True
+    """Log CPU/RAM (psutil) and, with nvidia-ml-py and a GPU, GPU use, memory, power, temperature."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files under <run_dir>/tensorboard (extra: tensorboard)."""
+    csv: bool = False
+    """Also write <run_dir>/metrics.csv."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for train/mfu (null: from a table of known GPUs; none on CPU)."""
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler over a few optimizer steps; a Chrome trace per rank under <run_dir>/profile."""
+
+    enabled: bool = False
+    """Profile training steps."""
+    wait: int = 1
+    """Steps to skip before profiling."""
+    warmup: int = 1
+    """Steps profiled but discarded (warms the profiler up)."""
+    active: int = 3
+    """Steps recorded."""
+    record_shapes: bool = False
+    """Record operator input shapes."""
+    memory: bool = False
+    """Record tensor allocations."""
+
+
+@dataclass
+class DebugConfig:
+    """Gradient and activation diagnostics (at log steps)."""
+
+    layer_grad_norms: bool = False
+    """Log grad_norm/<parameter> for every parameter."""
+    activation_stats: bool = False
+    """Log act/<module>/mean, std and absmax of every leaf module's output (forward hooks)."""
+    grad_norm_low: float = 1.0e-7
+    """Warn of vanishing gradients when the global norm falls below this."""
+    grad_norm_high: float = 1.0e3
+    """Warn of exploding gradients when the global norm exceeds this."""
 
 
 @dataclass
@@ -238,6 +282,10 @@ class TrainConfig:
     """Validation."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Logging."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """Profiler."""
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    """Diagnostics."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints and resume."""
     dist: DistConfig = field(default_factory=DistConfig)
@@ -290,6 +338,16 @@ class TrainConfig:
                self.checkpoint.keep_last)
         _check(self.checkpoint.resume.strip() != "", "checkpoint.resume",
                "auto, never or a checkpoint path", self.checkpoint.resume)
+        _check(self.train.max_nonfinite_skips >= 1, "train.max_nonfinite_skips", "an integer >= 1",
+               self.train.max_nonfinite_skips)
+        _check(self.logging.peak_flops is None or self.logging.peak_flops > 0, "logging.peak_flops",
+               "null or a number of FLOP/s > 0", self.logging.peak_flops)
+        for key in ("wait", "warmup", "active"):
+            value = getattr(self.profile, key)
+            _check(value >= (1 if key == "active" else 0), f"profile.{key}",
+                   "an integer >= 1" if key == "active" else "an integer >= 0", value)
+        _check(0 <= self.debug.grad_norm_low < self.debug.grad_norm_high, "debug.grad_norm_low",
+               "0 <= grad_norm_low < grad_norm_high", self.debug.grad_norm_low)
         _check(self.dist.timeout_s > 0, "dist.timeout_s", "a number of seconds > 0",
                self.dist.timeout_s)
         _check(self.dist.bucket_cap_mb > 0, "dist.bucket_cap_mb", "a number > 0",

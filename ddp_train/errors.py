@@ -17,4 +17,12 @@ class ConfigError(Exception):
 
 
 class TrainingFailed(Exception):
-    """Training could not go on (non-finite loss, a lost rank): exit code 1, no traceback."""
+    """Training could not go on (non-finite loss, out of memory): exit code 1, no traceback.
+
+    ``shared``: every rank fails alike (one message, from rank 0, is enough), as opposed
+    to a failure of this rank alone, which that rank reports.
+    """
+
+    def __init__(self, message: str, shared: bool = True) -> None:
+        self.shared = shared
+        super().__init__(message)

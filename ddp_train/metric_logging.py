@@ -1,4 +1,4 @@
-"""Metric sinks behind one tiny protocol: JSONL (always) and the console.
+"""Metric sinks behind one tiny protocol: JSONL (always), the console, CSV and TensorBoard.
 
 A record is a flat dict with ``step``, ``epoch`` and ``train/...`` or ``val/...`` keys.
 Only rank 0 creates sinks.
@@ -6,11 +6,15 @@ Only rank 0 creates sinks.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Protocol, TextIO
+
+from ddp_train.errors import ConfigError
 
 
 class MetricSink(Protocol):
@@ -106,6 +110,89 @@ class ConsoleSink:
         """Close the bar."""
         if self._bar is not None:
             self._bar.close()
+
+
+def _is_scalar(key: str, value: Any) -> bool:
+    """A number worth a column or a chart (a confusion matrix is not; booleans are flags)."""
+    return key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class CsvSink:
+    """One CSV file with a header, for spreadsheets and pandas.
+
+    Train and validation records carry different keys, so the columns are the union of
+    the keys seen so far: a record with a new key rewrites the file with the wider header
+    (records come once per log step, so this is rare and cheap). Lists and dicts (a
+    confusion matrix) are left out; a record without some column leaves it empty.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._columns: list[str] = []
+        self._file = path.open("w", encoding="utf-8", newline="")
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as a row, widening the header first if it brings new keys."""
+        row = {k: v for k, v in record.items() if k in ("step", "epoch") or _is_scalar(k, v)}
+        new = [key for key in row if key not in self._columns]
+        if new:
+            self._widen(new)
+        csv.DictWriter(self._file, self._columns).writerow(row)
+        self._file.flush()
+
+    def _widen(self, new: list[str]) -> None:
+        self._file.close()
+        with self.path.open(encoding="utf-8", newline="") as file:
+            rows = list(csv.DictReader(file))
+        self._columns += new
+        # Rewritten aside and renamed, so a crash mid-rewrite cannot lose the old rows.
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        with tmp.open("w", encoding="utf-8", newline="") as file:
+            writer = csv.DictWriter(file, self._columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+        self._file = self.path.open("a", encoding="utf-8", newline="")
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+
+def require_tensorboard() -> None:
+    """Raise a ConfigError naming the extra unless the tensorboard package imports."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise ConfigError("logging.tensorboard", 'expected the tensorboard package to be '
+                                                 'installed: pip install "ddp_train[tensorboard]"') from None
+
+
+class TensorBoardSink:
+    """TensorBoard event files: every numeric metric as a scalar at its ``step``.
+
+    Needs the ``tensorboard`` package (``pip install "ddp_train[tensorboard]"``).
+    ``keep_through_step``: a resumed run hides the events logged after the checkpoint it
+    resumes from (TensorBoard's purge), as :class:`JsonlSink` drops those lines.
+    """
+
+    def __init__(self, log_dir: Path, keep_through_step: int | None = None) -> None:
+        require_tensorboard()
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge_step = None if keep_through_step is None else keep_through_step + 1
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Add every int or float metric of ``record`` as a scalar."""
+        for key, value in record.items():
+            if _is_scalar(key, value):
+                self._writer.add_scalar(key, value, global_step=record["step"])
+
+    def close(self) -> None:
+        """Flush the events to disk and close the writer."""
+        self._writer.flush()
+        self._writer.close()
 
 
 def _has_tqdm() -> bool:

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import gc
 import inspect
+import json
 import logging
 import math
 import os
@@ -30,18 +31,22 @@ from ddp_train.checkpoint import FORMAT_VERSION, CheckpointManager, read_checkpo
 from ddp_train.config import TrainConfig, config_to_dict, config_to_yaml
 from ddp_train.data import eval_loader, to_device, train_loader
 from ddp_train.datasets import DATASETS
+from ddp_train.diagnostics import ActivationStats, GradNormWatch, layer_grad_norms
 from ddp_train.distributed import DistEnv
 from ddp_train.early_stopping import EarlyStopping
 from ddp_train.errors import ConfigError, TrainingFailed
 from ddp_train.losses import LOSS_TASKS, LossFn, build_loss
-from ddp_train.metric_logging import ConsoleSink, JsonlSink, MetricSink
+from ddp_train.metric_logging import (ConsoleSink, CsvSink, JsonlSink, MetricSink, TensorBoardSink,
+                                      require_tensorboard)
 from ddp_train.metrics import MetricAccumulator
 from ddp_train.models import MODELS, apply_init, apply_norm, plain_state_dict
 from ddp_train.optim import build_optimizer, build_schedule
 from ddp_train.precision import Precision
 from ddp_train.preemption import PreemptionWatch
+from ddp_train.profiling import StepProfiler
 from ddp_train.rng import capture_rng, restore_rng, seed_everything
 from ddp_train.run_dir import RunDirectory
+from ddp_train.system_metrics import SystemMonitor, peak_flops, training_flops_per_sample
 
 log = logging.getLogger("ddp_train")
 
@@ -59,6 +64,8 @@ class TrainingProgress:
     last_val: dict[str, Any] = field(default_factory=dict)
     train_loss_since_val: float | None = None
     wall_time_s: float = 0.0
+    nonfinite_skips: int = 0
+    nonfinite_in_a_row: int = 0
 
 
 def _call_factory(factory: Callable[..., Any], args: dict[str, Any], key: str) -> Any:
@@ -82,6 +89,13 @@ def _with_hints(factory: Callable[..., Any], args: dict[str, Any], hints: dict[s
     except (TypeError, ValueError):
         return dict(args)
     return {**{k: v for k, v in hints.items() if k in accepted}, **args}
+
+
+def _tokens_per_sample(inputs: Any, task: str) -> int:
+    """Tokens a sample carries: the sequence length for language models, else 1."""
+    if task == "language_model" and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
+        return int(inputs.shape[1])
+    return 1
 
 
 # Keys that may differ between a checkpoint's run and the resumed one without a warning.
@@ -129,6 +143,8 @@ class Trainer:
         self.loss_fn: LossFn = (loss_fn if loss_fn is not None
                                 else build_loss(config.loss.name, config.loss.args))
 
+        if config.logging.tensorboard:
+            require_tensorboard()  # before any rank waits on another
         strategy = config.train.strategy
         self.env = DistEnv.setup(config.dist, config.run.device,
                                  force_process_group=strategy == "ddp")
@@ -246,9 +262,28 @@ class Trainer:
                                        initial=self.progress.global_step)
             # A resumed run keeps the metrics up to its checkpoint and drops those of the
             # steps it is about to redo, so metrics.jsonl reads as one uninterrupted run.
-            self.sinks += [JsonlSink(self.run_dir.metrics_path,
-                                     keep_through_step=self.progress.global_step if resumed else None),
-                           self.console]
+            jsonl = JsonlSink(self.run_dir.metrics_path,
+                              keep_through_step=self.progress.global_step if resumed else None)
+            self.sinks += [jsonl, self.console]
+            if config.logging.csv:
+                csv_sink = CsvSink(config.run_dir / "metrics.csv")
+                # A resumed run's CSV starts with the history metrics.jsonl kept.
+                for line in self.run_dir.metrics_path.read_text(encoding="utf-8").splitlines():
+                    csv_sink.log(json.loads(line))
+                self.sinks.append(csv_sink)
+            if config.logging.tensorboard:
+                self.sinks.append(TensorBoardSink(config.run_dir / "tensorboard",
+                                                  keep_through_step=self.progress.global_step if resumed else None))
+
+        # Monitoring and diagnostics (see the log step in _train).
+        self._num_params = sum(p.numel() for p in self.module.parameters())
+        self._tokens_per_sample: int | None = None
+        self._peak_flops = peak_flops(device, config.logging.peak_flops)
+        self.system = SystemMonitor(device) if env.is_main and config.logging.system_metrics else None
+        self.grad_watch = GradNormWatch(config.debug.grad_norm_low, config.debug.grad_norm_high)
+        self.activation_stats = ActivationStats(self.module) if config.debug.activation_stats else None
+        self._capture = False  # this step is logged: gather the expensive diagnostics
+        self._layer_norms: dict[str, float] = {}
 
     # -----------------------------------------------------------------------------------
     # State: everything a restart needs, loadable with weights_only=True.
@@ -321,7 +356,8 @@ class Trainer:
                 state = read_checkpoint(Path(path))
             except ValueError as exc:
                 raise TrainingFailed(f"rank {self.env.rank} cannot read checkpoint {path} that "
-                                     f"rank 0 chose: it {exc} (is the run directory shared?)") from None
+                                     f"rank 0 chose: it {exc} (is the run directory shared?)",
+                                     shared=False) from None
         if self.env.is_main:
             _warn_config_changes(state.get("config", {}), config_to_dict(self.config), path)
         try:
@@ -350,12 +386,21 @@ class Trainer:
         started = time.perf_counter()
         previous_wall_time = self.progress.wall_time_s
         status = "failed"
+        profile = self.config.profile
+        self.profiler = StepProfiler(self.config.run_dir, self.env.rank, self.env.device, profile.wait,
+                                     profile.warmup, profile.active, profile.record_shapes,
+                                     profile.memory) if profile.enabled else None
         try:
             with PreemptionWatch(self.env) as preemption:
                 try:
+                    if self.profiler is not None:
+                        self.profiler.start(self.progress.global_step)
                     status = self._train(preemption, started, previous_wall_time)
+                except torch.cuda.OutOfMemoryError:
+                    raise self._out_of_memory() from None
                 finally:
                     preemption.drain()
+                    self._stop_profiler()
             if status != "preempted":
                 self._write_model()
         finally:
@@ -366,6 +411,27 @@ class Trainer:
             if self.env.is_main:
                 self.run_dir.write_summary(summary)
         return summary
+
+    def _stop_profiler(self) -> None:
+        if self.profiler is None:
+            return
+        table = self.profiler.stop()
+        if table:
+            log.info("top operators by self time (rank 0; traces in %s):\n%s",
+                     self.config.run_dir / "profile", table)
+        self.profiler = None
+
+    def _out_of_memory(self) -> TrainingFailed:
+        """Write the CUDA memory summary next to the run and explain what to change."""
+        path = self.config.run_dir / f"oom_memory_summary_rank{self.env.rank}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(torch.cuda.memory_summary(self.env.device))
+        batch, accum = self.config.data.batch_size, self.config.train.grad_accum_steps
+        smaller = f"data.batch_size={max(batch // 2, 1)} train.grad_accum_steps={accum * 2}" if batch > 1 else \
+            "a smaller model, or train.precision=bf16"
+        return TrainingFailed(f"rank {self.env.rank}: CUDA out of memory at optimizer step "
+                              f"{self.progress.global_step + 1} (memory summary: {path}); try {smaller}, "
+                              f"which keeps the global batch", shared=False)
 
     def _train(self, preemption: PreemptionWatch, started: float, previous_wall_time: float) -> str:
         config, progress = self.config, self.progress
@@ -381,21 +447,21 @@ class Trainer:
         while True:
             if batches is None:
                 batches = self._epoch_batches()
+            self._capture = (progress.global_step + 1) % log_every == 0
+            if self.activation_stats is not None:
+                self.activation_stats.capture = self._capture
             grad_norm, lr = self._optimizer_step(batches)
             progress.global_step += 1
             progress.step_in_epoch += 1
             window_steps += 1
+            if self.profiler is not None:
+                self.profiler.step()
             if self.console is not None:
                 self.console.advance(progress.global_step)
 
-            if progress.global_step % log_every == 0:
-                record: dict[str, Any] = {
-                    "step": progress.global_step, "epoch": progress.epoch,
-                    "train/loss": self._mean_loss(slot=0), "train/lr": lr,
-                    "train/samples_per_s": global_batch * window_steps / (time.perf_counter() - window_start)}
-                if grad_norm is not None:
-                    record["train/grad_norm"] = grad_norm.item()
-                self._log(record)
+            if self._capture:
+                samples_per_s = global_batch * window_steps / (time.perf_counter() - window_start)
+                self._log(self._train_record(grad_norm.item(), lr, samples_per_s))
                 window_start, window_steps = time.perf_counter(), 0  # logging is not step time
 
             done = progress.global_step >= self.total_steps
@@ -403,6 +469,7 @@ class Trainer:
             validated = stop = False
             if epoch_end or done or (val_every and progress.global_step % val_every == 0):
                 stop, validated = self._validate(), True
+                window_start, window_steps = time.perf_counter(), 0  # validation is not step time
             if epoch_end:
                 progress.epochs_completed += 1
                 progress.epoch += 1
@@ -422,6 +489,32 @@ class Trainer:
             if status != "running":
                 return status
 
+    def _train_record(self, grad_norm: float, lr: float, samples_per_s: float) -> dict[str, Any]:
+        """The train/* metrics of a log step (plus sys/*, grad_norm/*, act/* when enabled)."""
+        progress, config = self.progress, self.config
+        record: dict[str, Any] = {"step": progress.global_step, "epoch": progress.epoch}
+        train_loss = self._mean_loss(slot=0)
+        if train_loss is not None:  # None when every step since the last log was skipped
+            record["train/loss"] = train_loss
+        record.update({"train/lr": lr, "train/grad_norm": grad_norm, "train/samples_per_s": samples_per_s})
+        tokens = self._tokens_per_sample or 1
+        if tokens > 1:
+            record["train/tokens_per_s"] = samples_per_s * tokens
+        if self._peak_flops is not None:
+            # Model FLOPs utilisation: the 6·N·tokens estimate of a training step's FLOPs.
+            achieved = training_flops_per_sample(self._num_params, tokens) * samples_per_s
+            record["train/mfu"] = achieved / (self._peak_flops * self.env.world_size)
+        if config.train.nonfinite == "skip":
+            record["train/nonfinite_skips"] = progress.nonfinite_skips
+        if self.system is not None:
+            record.update(self.system.read())
+            record.update(self.system.peak_memory())
+        record.update(self._layer_norms)
+        if self.activation_stats is not None:
+            record.update(self.activation_stats.pop())
+        self.grad_watch.check(grad_norm, progress.global_step)
+        return record
+
     def _epoch_batches(self) -> Iterator[Any]:
         """An iterator over the rest of the current epoch (all of it, unless resuming mid-epoch)."""
         config, progress, env = self.config, self.progress, self.env
@@ -432,9 +525,14 @@ class Trainer:
         self.train_loader.sampler.set_position(progress.epoch, start)  # type: ignore[union-attr]
         return iter(self.train_loader)
 
-    def _optimizer_step(self, batches: Iterator[Any]) -> tuple[torch.Tensor | None, float]:
-        """One optimizer step over grad_accum_steps micro-batches; returns (grad norm, LR used)."""
+    def _optimizer_step(self, batches: Iterator[Any]) -> tuple[torch.Tensor, float]:
+        """One optimizer step over grad_accum_steps micro-batches; returns (grad norm, LR used).
+
+        The grad norm is the global, pre-clip norm. A step whose loss or gradient norm is
+        not finite updates nothing (``train.nonfinite=skip``) or ends training (``stop``).
+        """
         accum = self.config.train.grad_accum_steps
+        step_loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for micro in range(accum):
             inputs, targets = to_device(next(batches), self.env.device)
             # Only the last micro-batch all-reduces; no_sync must cover both the forward
@@ -444,15 +542,60 @@ class Trainer:
                 with self.precision.autocast():
                     loss = self.loss_fn(self.model(inputs), targets)
                 self.precision.backward(loss / accum)
-            self._loss_sums += loss.detach()
-        self._micro_since[0] += accum
-        self._micro_since[1] += accum
-        grad_norm = self._clip_gradients()
-        self.precision.step(self.optimizer)
+            step_loss += loss.detach()
+        if self._tokens_per_sample is None:
+            self._tokens_per_sample = _tokens_per_sample(inputs, self.task)
+        self.precision.unscale_(self.optimizer)
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        if self._capture and self.config.debug.layer_grad_norms:
+            self._layer_norms = layer_grad_norms(self.module)
         lr = self.optimizer.param_groups[0]["lr"]
+        if self._step_is_finite(step_loss, grad_norm):
+            self._clip_gradients(grads, grad_norm)
+            self.precision.step(self.optimizer)
+            self._loss_sums += step_loss
+            self._micro_since[0] += accum
+            self._micro_since[1] += accum
+        elif self.precision.scaler is not None:
+            self.precision.scaler.update()  # forget this step's unscaling
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return grad_norm, lr
+
+    def _step_is_finite(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether this step may update the weights; the same answer on every rank.
+
+        The gradient norm is computed from gradients DDP has already all-reduced, so it is
+        identical on every rank, and a non-finite loss on any rank makes it non-finite
+        everywhere: deciding on it needs no extra collective. The loss itself can decide
+        alone only at world size 1. Under fp16 the grad scaler owns overflowing gradients
+        (it skips the step and lowers the scale), so only the loss is watched.
+        """
+        watched: list[tuple[str, torch.Tensor]] = []
+        if self.env.world_size == 1:
+            watched.append(("loss", step_loss))
+        if self.precision.scaler is None:
+            watched.append(("gradient norm", grad_norm))
+        if not watched or bool(torch.isfinite(torch.stack([v.double() for _, v in watched])).all()):
+            self.progress.nonfinite_in_a_row = 0
+            return True
+        progress, train = self.progress, self.config.train
+        what = " and ".join(name for name, value in watched if not torch.isfinite(value))
+        step = progress.global_step + 1
+        progress.nonfinite_skips += 1
+        progress.nonfinite_in_a_row += 1
+        if train.nonfinite == "stop":
+            raise TrainingFailed(f"non-finite {what} at optimizer step {step} (train.nonfinite=stop): "
+                                 f"lower optim.lr, set train.clip_grad_norm, check the data, or "
+                                 f"use train.nonfinite=skip")
+        if progress.nonfinite_in_a_row >= train.max_nonfinite_skips:
+            raise TrainingFailed(f"non-finite {what} at optimizer step {step}: "
+                                 f"{progress.nonfinite_in_a_row} steps in a row skipped "
+                                 f"(train.max_nonfinite_skips)")
+        log.warning("non-finite %s at optimizer step %d: step skipped (%d so far)", what, step,
+                    progress.nonfinite_skips)
+        return False
 
     def _checkpoint_due(self, epoch_end: bool, status: str) -> bool:
         every_steps, every_epochs = self.config.checkpoint.every_steps, self.config.checkpoint.every_epochs
@@ -468,26 +611,26 @@ class Trainer:
         if self.env.is_main:
             self.checkpoints.save(state, self.progress.global_step, periodic=periodic, best=best)
 
-    def _clip_gradients(self) -> torch.Tensor | None:
-        """Unscale, then clip by value and/or norm; returns the pre-clip global norm if measured."""
+    def _clip_gradients(self, grads: list[torch.Tensor], grad_norm: torch.Tensor) -> None:
+        """Clip by value and/or by the global norm (gradients are already unscaled)."""
         train = self.config.train
-        if train.clip_grad_norm is None and train.clip_grad_value is None:
-            return None
-        self.precision.unscale_(self.optimizer)
         if train.clip_grad_value is not None:
             torch.nn.utils.clip_grad_value_(self.module.parameters(), train.clip_grad_value)
+            if train.clip_grad_norm is not None:  # the values changed: measure again
+                grad_norm = torch.nn.utils.get_total_norm(grads)
         if train.clip_grad_norm is not None:
-            return torch.nn.utils.clip_grad_norm_(self.module.parameters(), train.clip_grad_norm)
-        return None
+            torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), train.clip_grad_norm, grad_norm)
 
-    def _mean_loss(self, slot: int) -> float:
-        """Mean micro-batch loss over all ranks since the slot was last read; resets it."""
+    def _mean_loss(self, slot: int) -> float | None:
+        """Mean micro-batch loss over all ranks since the slot was last read (None: no step); resets it."""
         count = torch.tensor(float(self._micro_since[slot]), dtype=torch.float64,
                              device=self._loss_sums.device)
         totals = self.env.all_reduce_sum(torch.stack([self._loss_sums[slot], count]))
         self._loss_sums[slot] = 0.0
         self._micro_since[slot] = 0
-        mean = (totals[0] / totals[1].clamp(min=1)).item()
+        if totals[1].item() == 0:
+            return None
+        mean = (totals[0] / totals[1]).item()
         if not math.isfinite(mean):
             # Every rank sees the same reduced value, so every rank raises together.
             raise TrainingFailed(f"non-finite training loss ({mean}) at or before optimizer step "

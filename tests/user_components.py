@@ -68,3 +68,21 @@ def slow_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross entropy that takes at least 10 ms: gives a test time to signal a running job."""
     time.sleep(0.01)
     return nn.functional.cross_entropy(outputs, targets)
+
+
+def sometimes_nan_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross entropy, NaN on every 7th training call (validation, without grad, is never NaN)."""
+    loss = nn.functional.cross_entropy(outputs, targets)
+    if not torch.is_grad_enabled():
+        return loss
+    sometimes_nan_loss.calls = getattr(sometimes_nan_loss, "calls", 0) + 1  # type: ignore[attr-defined]
+    return loss * float("nan") if sometimes_nan_loss.calls % 7 == 0 else loss  # type: ignore[attr-defined]
+
+
+def rank1_nan_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross entropy; on rank 1 only, NaN on every 5th training call."""
+    loss = nn.functional.cross_entropy(outputs, targets)
+    if not torch.is_grad_enabled() or os.environ.get("RANK") != "1":
+        return loss
+    rank1_nan_loss.calls = getattr(rank1_nan_loss, "calls", 0) + 1  # type: ignore[attr-defined]
+    return loss * float("nan") if rank1_nan_loss.calls % 5 == 0 else loss  # type: ignore[attr-defined]
