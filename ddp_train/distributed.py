@@ -128,10 +128,14 @@ class DistEnv:
                                             "but CUDA is not available")
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         if use_cuda:
-            if info.local_rank >= torch.cuda.device_count():
+            visible = torch.cuda.device_count()
+            # With one GPU per task (srun --gpus-per-task=1) each process sees only its
+            # own GPU, numbered 0, whatever its local rank.
+            index = info.local_rank if visible > 1 else 0
+            if index >= visible:
                 raise ConfigError("", f"local rank {info.local_rank} has no GPU: only "
-                                      f"{torch.cuda.device_count()} visible on this node")
-            torch_device = torch.device("cuda", info.local_rank)
+                                      f"{visible} visible to this process")
+            torch_device = torch.device("cuda", index)
             torch.cuda.set_device(torch_device)
         else:
             torch_device = torch.device("cpu")
