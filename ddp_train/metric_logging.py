@@ -62,8 +62,11 @@ class JsonlSink:
 def _format(record: dict[str, Any]) -> str:
     parts = [f"step {record['step']}", f"epoch {record['epoch']}"]
     for key, value in record.items():
-        if key in ("step", "epoch") or isinstance(value, (list, dict)):
-            continue  # a confusion matrix does not fit on a line
+        # A confusion matrix does not fit on a line; machine and per-layer metrics are
+        # for metrics.jsonl and the plots, not for reading as they scroll by.
+        if (key in ("step", "epoch", "train/peak_memory_gb") or isinstance(value, (list, dict))
+                or not key.startswith(("train/", "val/"))):
+            continue
         parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     return " | ".join(parts)
 
