@@ -1,0 +1,163 @@
+"""The two loops every comparison runs: a minimal hand-written DDP loop, and ddp_train's Trainer.
+
+Both expose ``run(steps)`` (that many optimizer steps, data loading included) and a
+:class:`~common.StepClock` that ticks at the start of every optimizer step, so they can be
+interleaved block by block in one process and compared step by step.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Collection, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from common import StepClock, Workload, run_trainer_steps, time_trainer_steps, trainer_overrides
+from ddp_train import Trainer
+from ddp_train.config import DistConfig, load_config
+from ddp_train.distributed import DistEnv
+from ddp_train.optim import WarmupSchedule
+from ddp_train.preemption import PreemptionWatch
+
+EXTRAS: dict[str, str] = {
+    "grad_norm": "(a) torch.nn.utils.get_total_norm of all gradients",
+    "finite_check": "(b) torch.isfinite(...).all() of the norm (or loss) + host sync (bool())",
+    "preempt_allreduce": "(c) PreemptionWatch.agreed(): async 1-element all-reduce, waited one step later",
+    "loss_accum": "(e) loss summed on the device (float64 zeros, +=, += into the running sums)",
+    "loss_div": "(f) backward of loss / grad_accum_steps instead of loss (one more autograd node)",
+}
+"""ddp_train's per-step additions to a minimal loop, each one switchable in :class:`HandLoop`.
+(d), ``scheduler.step()`` of ``LambdaLR(WarmupSchedule)``, is part of both loops; its cost
+is measured by switching it off (``scheduler=False``)."""
+
+
+class HandLoop:
+    """What a user would write by hand: DistributedSampler + DataLoader, DDP, forward, loss,
+    backward, ``optimizer.step()``, ``zero_grad(set_to_none=True)``, ``scheduler.step()``.
+
+    The model, data, AdamW settings and LR schedule (``LambdaLR`` of ddp_train's own cosine
+    ``WarmupSchedule``, so the LR trajectory is the Trainer's) are those of the Trainer it is
+    compared with. ``extras`` switches on ddp_train's per-step additions one by one (keys of
+    :data:`EXTRAS`). With ``accum > 1`` each optimizer step takes ``accum`` micro-batches,
+    the loss divided by ``accum``; ``no_sync`` then runs the first ``accum - 1`` of them
+    (forward and backward) inside ``DDP.no_sync()``, else every micro-batch all-reduces.
+    """
+
+    def __init__(self, workload: Workload, dataset: Dataset, device: torch.device, rank: int,
+                 world_size: int, total_steps: int, extras: Collection[str] = (),
+                 scheduler: bool = True, accum: int = 1, no_sync: bool = True) -> None:
+        unknown = set(extras) - set(EXTRAS)
+        if unknown:
+            raise ValueError(f"unknown extras {sorted(unknown)}")
+        self.device = device
+        self.module = workload.build_model().to(device)
+        self.ddp = DistributedDataParallel(
+            self.module, device_ids=[device.index] if device.type == "cuda" else None)
+        self.sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                          seed=0, drop_last=True)
+        self.loader = DataLoader(dataset, batch_size=workload.batch_size, sampler=self.sampler,
+                                 drop_last=True, pin_memory=device.type == "cuda")
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=3e-3, weight_decay=0.0,
+                                           betas=(0.9, 0.999))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupSchedule("cosine", 10, total_steps, 0.0, 100, 0.1))
+        self.use_scheduler = scheduler
+        self.accum, self.no_sync = accum, no_sync
+        self.grad_norm, self.finite_check = "grad_norm" in extras, "finite_check" in extras
+        self.preempt, self.loss_accum = "preempt_allreduce" in extras, "loss_accum" in extras
+        self.loss_div = "loss_div" in extras or accum > 1
+        self.env = DistEnv.setup(DistConfig(), device.type)  # the existing group; owns nothing
+        self.loss_sums = torch.zeros(2, dtype=torch.float64, device=device)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                         else nullcontext())
+        self.clock = StepClock()
+        self._batches = self._forever()
+
+    def _forever(self) -> Iterator[Any]:
+        epoch = 0
+        while True:
+            self.sampler.set_epoch(epoch)
+            yield from self.loader
+            epoch += 1
+
+    def run(self, steps: int) -> None:
+        """``steps`` optimizer steps, the clock ticking at the start of each."""
+        with PreemptionWatch(self.env) if self.preempt else nullcontext() as watch:
+            for _ in range(steps):
+                self.clock.tick()
+                self._step(watch)
+            if watch is not None:
+                watch.drain()
+
+    def forward_loss(self) -> torch.Tensor:
+        """Load the next micro-batch, move it to the device, forward it; the loss."""
+        inputs, targets = next(self._batches)
+        inputs = inputs.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        with self.autocast:
+            outputs = self.ddp(inputs)
+            return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+
+    def _step(self, watch: PreemptionWatch | None) -> None:
+        step_loss = torch.zeros((), dtype=torch.float64, device=self.device) if self.loss_accum else None
+        for micro in range(self.accum):
+            skip_sync = self.no_sync and micro < self.accum - 1
+            with self.ddp.no_sync() if skip_sync else nullcontext():
+                loss = self.forward_loss()
+                (loss / self.accum if self.loss_div else loss).backward()
+            if step_loss is not None:
+                step_loss += loss.detach()
+        norm = None
+        if self.grad_norm:
+            norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.module.parameters() if p.grad is not None])
+        finite = True
+        if self.finite_check:
+            watched = norm if norm is not None else loss.detach()
+            finite = bool(torch.isfinite(torch.stack([watched.double()])).all())
+        if finite:
+            self.optimizer.step()
+            if step_loss is not None:
+                self.loss_sums += step_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.use_scheduler:
+            self.scheduler.step()
+        if watch is not None:
+            watch.agreed()
+
+    def close(self) -> None:
+        """Release DDP's reducer while the process group is alive."""
+        del self.ddp
+
+
+class TrainerLoop:
+    """ddp_train's own training path: one ``Trainer`` whose ``fit()`` runs each block.
+
+    The trainer gets the same model (same seed), data set and per-rank batch as the
+    :class:`HandLoop` it is compared with, AdamW with the same settings and the same cosine
+    warmup schedule over ``total_steps``; no validation set, checkpoints off, logging every
+    10⁹ steps (see :func:`common.trainer_overrides`). ``run(steps)`` is one real
+    ``fit()`` call that trains ``steps`` more optimizer steps.
+    """
+
+    def __init__(self, workload: Workload, dataset: Dataset, device: torch.device, output_dir: str,
+                 name: str, total_steps: int, overrides: Sequence[str] = (),
+                 loss_fn: Any = None) -> None:
+        config = load_config(None, trainer_overrides(workload, output_dir, name, device, total_steps,
+                                                     overrides))
+        self.trainer = Trainer(config, model=workload.build_model(), train_dataset=dataset,
+                               val_dataset=None, loss_fn=loss_fn)
+        self.clock = StepClock()
+        time_trainer_steps(self.trainer, self.clock)
+
+    def run(self, steps: int) -> None:
+        """``steps`` optimizer steps in one ``fit()`` call."""
+        run_trainer_steps(self.trainer, steps)
+
+    def close(self) -> None:
+        """``Trainer.close()``: drops DDP; the caller's process group stays."""
+        self.trainer.close()

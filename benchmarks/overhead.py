@@ -1,0 +1,219 @@
+"""Overhead of ddp_train's training step over a minimal hand-written DDP loop, and its breakdown.
+
+What is measured, in each of 2 spawned ranks (one intra-op thread each; gloo on CPU):
+
+* ``trainer``: ddp_train's real training path, a :class:`~loops.TrainerLoop` (one
+  ``Trainer``, each block one ``fit()`` call of K optimizer steps);
+* ``hand``: the minimal hand-written loop (:class:`~loops.HandLoop`) on the same model,
+  data, batch, AdamW settings and LR schedule;
+* ``hand+<extra>``: the hand loop plus one of ddp_train's per-step additions at a time
+  (:data:`loops.EXTRAS`), ``hand-scheduler`` without ``scheduler.step()`` (extra (d)),
+  and ``hand+all`` with every addition at once.
+
+Every variant has its own model, optimizer and DataLoader (built from the same seed), all
+in one process group. They run in blocks of K steps, all variants once per round, in an
+order shuffled every round (the same on both ranks), after a warm-up round; ranks meet at
+a barrier before every block. A step's time is the interval between the starts of two
+consecutive steps of a block (a :class:`~common.StepClock` on every variant, on the
+Trainer through its ``_optimizer_step``), so it holds data loading, the step and the
+loop's own bookkeeping; ``fit()``'s per-call costs (start, end-of-run loss reduction,
+``model.pt``/``summary.json``) fall outside the intervals and are reported separately
+from whole-block times. Interleaving puts drift of the machine on every variant alike;
+medians resist the outliers of a shared machine.
+
+``overhead_ratio`` = median step of ``trainer`` / median step of ``hand``. An extra's
+added time = median step of ``hand+extra`` − median step of ``hand``; its 95% interval
+comes from resampling whole rounds (:func:`common.paired_bootstrap`). Each extra is also
+timed alone in a tight loop (``isolated_us``), which resolves costs far below the noise
+of a whole step.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from common import (Workload, init_process_group, median, paired_bootstrap, rank_device,
+                    shuffled_rounds, spawn_ranks, summarize, synchronize)
+from loops import EXTRAS, HandLoop, TrainerLoop
+from ddp_train.optim import WarmupSchedule
+from ddp_train.preemption import PreemptionWatch
+
+GOALS: dict[str, float] = {"tiny_mlp": 1.03, "mid_gpt": 1.01}
+"""Upper bounds of ``overhead_ratio`` per workload."""
+
+
+def variants() -> dict[str, dict[str, Any]]:
+    """Variant name -> HandLoop keyword arguments (``trainer`` is the Trainer itself)."""
+    table: dict[str, dict[str, Any]] = {"hand": {}, "hand-scheduler": {"scheduler": False}}
+    table.update({f"hand+{extra}": {"extras": (extra,)} for extra in EXTRAS})
+    table["hand+all"] = {"extras": tuple(EXTRAS)}
+    return table
+
+
+def _time_per_call(fn: Callable[[], Any], calls: int, batches: int, device: torch.device
+                   ) -> float:
+    """Median over ``batches`` of the mean time of one of ``calls`` back-to-back calls (µs)."""
+    per_call = []
+    for _ in range(batches):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        per_call.append((time.perf_counter() - start) / calls * 1e6)
+    return median(per_call)
+
+
+def isolated_costs(loop: HandLoop, calls: int, batches: int) -> dict[str, float]:
+    """Each extra alone in a tight loop (µs per call), on the loop's real gradients.
+
+    ``preempt_allreduce`` waits for the previous call's all-reduce every time, so here it
+    costs a full all-reduce round trip; in training that wait overlaps with a whole step,
+    so this is an upper bound. ``scheduler_step`` steps a LambdaLR(WarmupSchedule) over a
+    throw-away optimizer of the same parameters.
+    """
+    device = loop.device
+    loss = loop.forward_loss()
+    loss.backward()
+    grads = [p.grad for p in loop.module.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    spare = torch.optim.AdamW(loop.module.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(spare, WarmupSchedule("cosine", 10, 10**6, 0.0,
+                                                                        100, 0.1))
+
+    def grad_norm() -> None:
+        torch.nn.utils.get_total_norm([p.grad for p in loop.module.parameters() if p.grad is not None])
+
+    def finite_check() -> None:
+        bool(torch.isfinite(torch.stack([norm.double()])).all())
+
+    def loss_accum() -> None:
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        step_loss += loss.detach()
+        sums.add_(step_loss)
+
+    costs = {"grad_norm": _time_per_call(grad_norm, calls, batches, device),
+             "finite_check": _time_per_call(finite_check, calls, batches, device),
+             "loss_accum": _time_per_call(loss_accum, calls, batches, device)}
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        costs["scheduler_step"] = _time_per_call(scheduler.step, calls, batches, device)
+    with PreemptionWatch(loop.env) as watch:
+        dist.barrier()
+        costs["preempt_allreduce"] = _time_per_call(watch.agreed, calls, batches, device)
+        watch.drain()
+    loop.optimizer.zero_grad(set_to_none=True)
+    return costs
+
+
+def _measure_workload(workload: Workload, rank: int, world_size: int, device: torch.device,
+                      steps_per_block: int, rounds: int, output_dir: str) -> dict[str, Any]:
+    dataset = workload.build_dataset(world_size)
+    total_steps = steps_per_block * (rounds + 1)
+    loops: dict[str, HandLoop | TrainerLoop] = {
+        name: HandLoop(workload, dataset, device, rank, world_size, total_steps, **kwargs)
+        for name, kwargs in variants().items()}
+    loops["trainer"] = TrainerLoop(workload, dataset, device, output_dir, f"overhead_{workload.name}",
+                                   total_steps)
+    names = list(loops)
+    intervals: dict[str, list[list[float]]] = {name: [] for name in names}
+    blocks: dict[str, list[float]] = {name: [] for name in names}
+    for index, order in enumerate([names] + shuffled_rounds(names, rounds)):
+        for name in order:
+            loop = loops[name]
+            dist.barrier()
+            synchronize(device)
+            start = time.perf_counter()
+            loop.run(steps_per_block)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            steps = loop.clock.intervals()
+            if index > 0:  # round 0 is the warm-up
+                intervals[name].append(steps)
+                blocks[name].append(seconds)
+    hand_loop = loops["hand+all"]
+    assert isinstance(hand_loop, HandLoop)
+    isolated = isolated_costs(hand_loop, calls=200 if workload.kind == "gpt" else 1000, batches=9)
+    for loop in loops.values():
+        loop.close()
+    return {"intervals_s": intervals, "blocks_s": blocks, "isolated_us": isolated,
+            "steps_per_block": steps_per_block, "rounds": rounds}
+
+
+def _rank_main(rank: int, world_size: int, device_type: str, plan: list[tuple[Workload, int, int]]
+               ) -> dict[str, Any] | None:
+    device = rank_device(device_type, rank)
+    init_process_group(rank, world_size, device)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="ddp_bench_runs_") as tmp:
+        for workload, steps_per_block, rounds in plan:
+            results[workload.name] = _measure_workload(workload, rank, world_size, device,
+                                                       steps_per_block, rounds, tmp)
+    dist.barrier()
+    dist.destroy_process_group()
+    return results if rank == 0 else None
+
+
+def analyse(workload: Workload, raw: dict[str, Any]) -> dict[str, Any]:
+    """Medians, the overhead ratio, and the added time of every extra (rank 0's samples)."""
+    intervals: dict[str, list[list[float]]] = raw["intervals_s"]
+    flat = {name: [x for block in rounds for x in block] for name, rounds in intervals.items()}
+    med = {name: median(values) for name, values in flat.items()}
+    hand, trainer = med["hand"], med["trainer"]
+
+    def ratio(a: list[float], b: list[float]) -> float:
+        return median(a) / median(b)
+
+    def added(a: list[float], b: list[float]) -> float:
+        return (median(a) - median(b)) * 1e6
+
+    breakdown: dict[str, dict[str, Any]] = {}
+    rows = [(extra, f"hand+{extra}", "hand", description) for extra, description in EXTRAS.items()]
+    rows.insert(3, ("scheduler_step", "hand", "hand-scheduler",
+                    "(d) scheduler.step() of LambdaLR(WarmupSchedule); in both loops"))
+    rows.append(("all_extras", "hand+all", "hand", "(a)+(b)+(c)+(e)+(f) together"))
+    rows.append(("rest_of_trainer", "trainer", "hand+all",
+                 "what the Trainer adds beyond them: to_device, precision wrappers, fit's loop "
+                 "bookkeeping"))
+    for key, with_it, without, description in rows:
+        low, high = paired_bootstrap(intervals[with_it], intervals[without], added)
+        breakdown[key] = {"description": description, "with": with_it, "without": without,
+                          "added_us": (med[with_it] - med[without]) * 1e6,
+                          "added_pct_of_hand_step": (med[with_it] - med[without]) / hand * 100,
+                          "ci95_us": [low, high],
+                          "isolated_us": raw["isolated_us"].get(key)}
+    steps = raw["steps_per_block"]
+    block_med = {name: median(values) for name, values in raw["blocks_s"].items()}
+    ratio_ci = paired_bootstrap(intervals["trainer"], intervals["hand"], ratio)
+    return {
+        "workload": workload.describe(),
+        "steps_per_block": steps, "rounds": raw["rounds"],
+        "intervals_per_variant": len(flat["hand"]),
+        "step_s": {name: summarize(values) for name, values in flat.items()},
+        "samples_s": intervals,
+        "blocks_s": raw["blocks_s"],
+        "overhead_ratio": trainer / hand,
+        "overhead_ratio_ci95": list(ratio_ci),
+        "goal": GOALS.get(workload.name),
+        "goal_met": trainer / hand <= GOALS[workload.name] if workload.name in GOALS else None,
+        # Met with 95% confidence: the whole interval below the goal.
+        "goal_confirmed": ratio_ci[1] <= GOALS[workload.name] if workload.name in GOALS else None,
+        # Whole fit() calls of K steps against K hand steps: adds fit()'s per-call costs.
+        "fit_block_ratio": block_med["trainer"] / block_med["hand"],
+        "fit_call_fixed_cost_s": block_med["trainer"] - steps * trainer,
+        "breakdown": breakdown,
+    }
+
+
+def run(workloads: list[tuple[Workload, int, int]], device_type: str = "cpu",
+        world_size: int = 2) -> dict[str, Any]:
+    """Measure every ``(workload, steps_per_block, rounds)``; the analysed results by name."""
+    raw = spawn_ranks(_rank_main, world_size, device_type, workloads)[0]
+    return {workload.name: analyse(workload, raw[workload.name]) for workload, _, _ in workloads}
