@@ -128,11 +128,14 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: fl
         context = mp.start_processes(_spawn_entry, args=(world_size, free_port(), fn, out_dir, args),
                                      nprocs=world_size, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                for process in context.processes:
+        try:
+            while not context.join(timeout=1):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{fn.__name__}: ranks did not finish within {timeout} s")
+        finally:  # a timeout, a failed rank, or this process being stopped: no orphans
+            for process in context.processes:
+                if process.is_alive():
                     process.kill()
-                raise TimeoutError(f"{fn.__name__}: ranks did not finish within {timeout} s")
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False)
                 for r in range(world_size)]
 

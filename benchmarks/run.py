@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -373,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     from common import CpuWatch, machine_info, wait_for_quiet
 
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks, read at their start
+    # SIGTERM unwinds like Ctrl-C, so that spawned ranks are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     mode = "quick" if args.quick else "full"
     plan = PLANS[mode]
     args.out.mkdir(parents=True, exist_ok=True)
