@@ -289,6 +289,11 @@ def paired_bootstrap(rounds_a: Sequence[Sequence[float]], rounds_b: Sequence[Seq
 # The machine
 
 
+def utc_now() -> str:
+    """The current UTC time, ISO 8601, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, memory, torch and Python versions, GPU (if any), and the time."""
     import psutil
@@ -297,8 +302,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "torch": torch.__version__, "python": platform.python_version(),
-        "platform": platform.platform(),
-        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(), "timestamp_utc": utc_now(),
     }
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

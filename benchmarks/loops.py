@@ -57,8 +57,8 @@ class HandLoop:
         self.module = workload.build_model().to(device)
         self.ddp = DistributedDataParallel(
             self.module, device_ids=[device.index] if device.type == "cuda" else None)
-        self.sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                          seed=0, drop_last=True)
+        self.sampler: DistributedSampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0, drop_last=True)
         self.loader = DataLoader(dataset, batch_size=workload.batch_size, sampler=self.sampler,
                                  drop_last=True, pin_memory=device.type == "cuda")
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=3e-3, weight_decay=0.0,

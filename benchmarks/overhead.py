@@ -191,6 +191,12 @@ def analyse(workload: Workload, raw: dict[str, Any]) -> dict[str, Any]:
                           "isolated_us": raw["isolated_us"].get(key)}
     steps = raw["steps_per_block"]
     block_med = {name: median(values) for name, values in raw["blocks_s"].items()}
+
+    def _outside_steps(name: str) -> float:
+        """Median time per block spent outside its K steps (the K−1 intervals scaled to K)."""
+        return median([block - sum(block_intervals) * steps / (steps - 1)
+                       for block, block_intervals in zip(raw["blocks_s"][name], intervals[name])])
+
     ratio_ci = paired_bootstrap(intervals["trainer"], intervals["hand"], ratio)
     return {
         "workload": workload.describe(),
@@ -207,7 +213,7 @@ def analyse(workload: Workload, raw: dict[str, Any]) -> dict[str, Any]:
         "goal_confirmed": ratio_ci[1] <= GOALS[workload.name] if workload.name in GOALS else None,
         # Whole fit() calls of K steps against K hand steps: adds fit()'s per-call costs.
         "fit_block_ratio": block_med["trainer"] / block_med["hand"],
-        "fit_call_fixed_cost_s": block_med["trainer"] - steps * trainer,
+        "fit_call_fixed_cost_s": _outside_steps("trainer") - _outside_steps("hand"),
         "breakdown": breakdown,
     }
 

@@ -16,10 +16,11 @@ COLORS = {"hand": "#7f7f7f", "trainer": "#1f77b4", "extra": "#ff7f0e", "isolated
           "measured": "#d62728"}
 
 
-def _footer(fig: Figure, results: dict[str, Any]) -> None:
+def _footer(fig: Figure, results: dict[str, Any], section: str) -> None:
     machine = results["machine"]
+    measured = results["conditions"].get(section, {}).get("timestamp_utc", machine["timestamp_utc"])
     fig.text(0.01, 0.005, f"{machine['cpu_cores']}-core {machine['cpu_model']}, torch "
-                          f"{machine['torch']}, {machine['timestamp_utc']}, mode {results['mode']}",
+                          f"{machine['torch']}, {measured}, mode {results['mode']}",
              fontsize=8, color="gray")
 
 
@@ -61,7 +62,7 @@ def overhead(results: dict[str, Any], path: Path) -> Path:
                      + (f", goal ≤ {goal}" if goal else ""), fontsize=11)
         ax.grid(axis="x", alpha=0.3)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
-    _footer(fig, results)
+    _footer(fig, results, "overhead")
     return _save(fig, path)
 
 
@@ -71,7 +72,8 @@ def accumulation(results: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(sections), figsize=(6 * len(sections), 4.8), dpi=110,
                              squeeze=False)
     names = ["trainer", "hand_no_sync", "hand_sync_every_micro"]
-    labels = ["ddp_train\n(no_sync)", "hand-written\nno_sync", "hand-written\nall-reduce every\nmicro-batch"]
+    labels = ["ddp_train\n(no_sync)", "hand-written\nno_sync",
+              "hand-written\nall-reduce every\nmicro-batch"]
     for ax, (name, data) in zip(axes[0], sections.items()):
         stats = data["optimizer_step_s"]
         medians = [stats[n]["median"] * 1e3 for n in names]
@@ -88,7 +90,7 @@ def accumulation(results: dict[str, Any], path: Path) -> Path:
                      f"{data['buckets_per_optimizer_step']:g} bucket(s); no_sync saves "
                      f"{data['no_sync_saving'] * 100:.0f}%", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    _footer(fig, results)
+    _footer(fig, results, "accumulation")
     return _save(fig, path)
 
 
@@ -114,7 +116,7 @@ def scaling(results: dict[str, Any], path: Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     if data.get("note"):
         fig.text(0.01, 0.04, data["note"], fontsize=8, color="dimgray")
-    _footer(fig, results)
+    _footer(fig, results, "scaling")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path)
     plt.close(fig)
@@ -137,7 +139,7 @@ def bandwidth(results: dict[str, Any], path: Path) -> Path:
                     f"{data['latency_s'] * 1e6:.0f} µs)", fontsize=11)
     for ax in (left, right):
         ax.grid(alpha=0.3, which="both")
-    _footer(fig, results)
+    _footer(fig, results, "bandwidth")
     return _save(fig, path)
 
 
@@ -162,7 +164,7 @@ def startup(results: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"Start-up: startup_ratio = first step / import torch = "
                  f"{results['startup']['startup_ratio']:.2f}", fontsize=11)
     ax.grid(axis="y", alpha=0.3)
-    _footer(fig, results)
+    _footer(fig, results, "startup")
     return _save(fig, path)
 
 
@@ -170,15 +172,19 @@ def projection(results: dict[str, Any], path: Path) -> Path:
     """Projected efficiency vs N per model size × link; the CPU check beside it."""
     data = results["projection"]
     has_check = "check_ws2" in data
-    fig, axes = plt.subplots(1, 2 if has_check else 1, figsize=(14 if has_check else 9, 6), dpi=110,
+    fig, axes = plt.subplots(1, 2 if has_check else 1, figsize=(14 if has_check else 9, 7), dpi=110,
                              gridspec_kw={"width_ratios": [3, 1]} if has_check else None, squeeze=False)
     ax = axes[0][0]
-    link_colors = dict(zip(data["assumptions"]["links"], ["#2ca02c", "#1f77b4", "#d62728"]))
+    links = list(data["assumptions"]["links"])
+    link_colors = dict(zip(links, ["#2ca02c", "#1f77b4", "#d62728"]))
+    # Wider lines underneath, so that a link whose lines coincide with another's still shows.
+    link_widths = dict(zip(links, [4.0, 2.2, 1.8]))
     styles = {"10M": ":", "100M": "--", "1B": "-"}
     for line in data["lines"]:
         curve = sorted((int(n), value) for n, value in line["efficiency"].items())
         ax.plot([n for n, _ in curve], [value * 100 for _, value in curve], styles[line["model"]],
-                color=link_colors[line["link"]], linewidth=1.8,
+                color=link_colors[line["link"]], linewidth=link_widths[line["link"]],
+                zorder=3 - links.index(line["link"]) * 0.5,
                 label=f"{line['model']} params, {line['link']}")
         marked = sorted((int(n), value) for n, value in line["efficiency_marked"].items())
         ax.plot([n for n, _ in marked], [value * 100 for _, value in marked], "o",
@@ -194,11 +200,11 @@ def projection(results: dict[str, Any], path: Path) -> Path:
     lowest = min(value for line in data["lines"] for value in line["efficiency"].values())
     ax.set_ylim(max(0.0, math.floor(lowest * 10) * 10 - 5), 101)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower left", ncol=1)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=3)
     if has_check:
         check = data["check_ws2"]
         right = axes[0][1]
-        labels = ["compute\nonly", "+ all-reduce\noverlapped", "+ all-reduce\nnot overlapped",
+        labels = ["compute\nonly", "+ all-reduce\n(overlap)", "+ all-reduce\n(no overlap)",
                   "measured"]
         values = [check["predicted"]["compute_only"]["efficiency"] * 100,
                   check["predicted"]["overlapped"]["efficiency"] * 100,
@@ -211,11 +217,11 @@ def projection(results: dict[str, Any], path: Path) -> Path:
                            xytext=(0, 4), textcoords="offset points", ha="center", fontsize=10)
         right.set_ylim(0, 110)
         right.set_ylabel("weak-scaling efficiency at N = 2 (%)")
-        right.set_title(f"Check at N = 2 on this machine (gloo)\npredicted (grey) with the measured "
-                        f"core slow-down ×{check['concurrency_factor']:.2f}", fontsize=10)
+        right.set_title(f"Check at N = 2 here ({check['backend']})\ngrey: predicted (cores "
+                        f"×{check['concurrency_factor']:.2f})", fontsize=10)
         right.grid(axis="y", alpha=0.3)
-        right.tick_params(axis="x", labelsize=8)
-    _footer(fig, results)
+        right.tick_params(axis="x", labelsize=7.5)
+    _footer(fig, results, "projection")
     return _save(fig, path)
 
 
@@ -237,5 +243,5 @@ def gpu(results: dict[str, Any], path: Path) -> Path:
     device = next(iter(modes.values()))["device_name"]
     fig.suptitle(f"{data['workload']['name']} ({data['workload']['parameters'] / 1e6:.0f} M params), "
                  f"bf16, batch {data['workload']['batch_size_per_rank']} on {device}", fontsize=11)
-    _footer(fig, results)
+    _footer(fig, results, "gpu")
     return _save(fig, path)

@@ -21,8 +21,8 @@ For the projection the compute comes from a stated GPU throughput assumption
 token, a fixed number of tokens per GPU per step; B = 2/3 and F = 1/3 of it, O neglected)
 and the link from ``LINKS``. For the check, the same model is fed with what was measured
 here: the single-rank step time and its forward/backward/optimizer split, the gradient
-bucket sizes DDP used, and the measured gloo all-reduce times; it predicts world size 2's
-efficiency, which is compared with the measured weak-scaling efficiency. Two things the
+bucket sizes DDP used, and the measured all-reduce times (gloo on CPU); it predicts world
+size 2's efficiency, which is compared with the measured weak-scaling efficiency. Two things the
 GPU model does not have are measured here too: cores that slow down when both compute
 (``concurrency_factor``), and an all-reduce that runs on the same cores as the compute
 (so overlap is not free: the overlapped and the non-overlapped prediction are both given).
@@ -122,7 +122,8 @@ def check_ws2(scaling: dict[str, Any], bandwidth: dict[str, Any], bucket_bytes: 
     Inputs: the Trainer's median single-rank step, split in the proportions of the plain
     step's forward/backward/optimizer times; ``bucket_bytes``, the sizes of the buckets
     DDP reduced per step for the workload (from the accumulation benchmark's comm hook),
-    in the order it reduced them; the gloo all-reduce times interpolated at those sizes.
+    in the order it reduced them; the measured all-reduce times (gloo on CPU) interpolated
+    at those sizes.
     ``compute_only`` scales the compute by the measured ``concurrency_factor`` (2
     processes computing at once on this machine's cores, without communicating) and adds
     no communication; ``overlapped``/``not_overlapped`` add the all-reduces as the model
@@ -147,7 +148,8 @@ def check_ws2(scaling: dict[str, Any], bandwidth: dict[str, Any], bucket_bytes: 
             "step_s": step, "efficiency": single / step}
     measured_step = scaling["runs"][f"ws2_batch{base}"]["step_s"]["median"]
     plain_ws2 = scaling["plain_step_s"]["ws2"]
-    return {"world_size": 2, "single_rank_step_s": single, "phase_split_s": phases,
+    return {"world_size": 2, "backend": bandwidth["backend"], "single_rank_step_s": single,
+            "phase_split_s": phases,
             "concurrency_factor": factor, "bucket_bytes": bucket_bytes,
             "allreduce_s": [measured(b) for b in sizes], "predicted": predicted,
             "measured": {"step_s": measured_step, "efficiency": scaling["weak_efficiency"]},

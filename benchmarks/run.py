@@ -189,16 +189,18 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def markdown(results: dict[str, Any]) -> str:
     """The tables of ``latest.md`` (also pasted into benchmarks/README.md)."""
     machine = results["machine"]
+    times = sorted(c.get("timestamp_utc", machine["timestamp_utc"])
+                   for c in results["conditions"].values())
     lines = [f"Machine: {machine['cpu_cores']}-core {machine['cpu_model']}, "
-             f"{machine['memory_gb']} GB, torch {machine['torch']}, {machine['timestamp_utc']}, "
-             f"mode `{results['mode']}`, device `{results['device']}`.", ""]
+             f"{machine['memory_gb']} GB, torch {machine['torch']}; mode `{results['mode']}`, "
+             f"device `{results['device']}`; sections measured {times[0]} to {times[-1]}.", ""]
     head = results
     lines += ["| key | value | goal | met |", "|---|---|---|---|"]
     for name, ratio in head.get("overhead_ratio", {}).items():
         data = results["overhead"][name]
         low, high = data["overhead_ratio_ci95"]
-        met = ("yes" if data["goal_confirmed"] else
-               f"not resolved (CI reaches {high:.3f})" if data["goal_met"] else "no")
+        met = ("yes" if high <= data["goal"] else "no" if low > data["goal"] else
+               "not resolved (the interval contains the goal)")
         lines.append(f"| `overhead_ratio` {name} | {ratio:.3f} (95% CI {low:.3f} to {high:.3f}) | "
                      f"≤ {data['goal']} | {met} |")
     for name, count in head.get("allreduce_per_optimizer_step", {}).items():
@@ -229,7 +231,8 @@ def markdown(results: dict[str, Any]) -> str:
                   f"hand-written {steps['hand']['median'] * 1e6:,.0f} µs, ddp_train "
                   f"{steps['trainer']['median'] * 1e6:,.0f} µs; {data['intervals_per_variant']} steps "
                   f"per variant ({data['rounds']} rounds × {data['steps_per_block'] - 1} intervals).", "",
-                  "| extra | added µs per step (95% CI) | % of the hand-written step | alone, µs per call |",
+                  "| extra | added µs per step (95% CI) | % of the hand-written step "
+                  "| alone, µs per call |",
                   "|---|---|---|---|"]
         for key, row in data["breakdown"].items():
             low, high = row["ci95_us"]
@@ -237,8 +240,9 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {row['description']} | {row['added_us']:+.1f} ({low:+.1f} to {high:+.1f}) | "
                          f"{row['added_pct_of_hand_step']:+.2f}% | {alone} |")
         lines += ["", f"Whole `fit()` calls of {data['steps_per_block']} steps against "
-                      f"{data['steps_per_block']} hand-written steps: ratio {data['fit_block_ratio']:.3f}; "
-                      f"`fit()`'s fixed cost per call ≈ {data['fit_call_fixed_cost_s'] * 1e3:.1f} ms.", ""]
+                      f"{data['steps_per_block']} hand-written steps: ratio "
+                      f"{data['fit_block_ratio']:.3f}; `fit()`'s fixed cost per call ≈ "
+                      f"{data['fit_call_fixed_cost_s'] * 1e3:.1f} ms.", ""]
 
     if results.get("accumulation"):
         lines += ["**Gradient accumulation** (4 micro-batches per optimizer step, 2 ranks): median "
@@ -248,7 +252,8 @@ def markdown(results: dict[str, Any]) -> str:
         for name, data in results["accumulation"].items():
             stats = data["optimizer_step_s"]
             lines.append(f"| {name} | {data['allreduce_per_optimizer_step']:g} | "
-                         f"{stats['trainer']['median'] * 1e3:.2f} | {stats['hand_no_sync']['median'] * 1e3:.2f} | "
+                         f"{stats['trainer']['median'] * 1e3:.2f} | "
+                         f"{stats['hand_no_sync']['median'] * 1e3:.2f} | "
                          f"{stats['hand_sync_every_micro']['median'] * 1e3:.2f} | "
                          f"{data['no_sync_saving'] * 100:.0f}% |")
         lines.append("")
@@ -281,7 +286,8 @@ def markdown(results: dict[str, Any]) -> str:
     projection = results.get("projection", {})
     if "lines" in projection:
         lines += ["**Projected DDP efficiency** (weak scaling; see the Projection section)", "",
-                  "| model | link | compute ms/step | N = 8 | N = 64 | N = 512 |", "|---|---|---|---|---|---|"]
+                  "| model | link | compute ms/step | N = 8 | N = 64 | N = 512 |",
+                  "|---|---|---|---|---|---|"]
         for line in projection["lines"]:
             marked = line["efficiency_marked"]
             lines.append(f"| {line['model']} | {line['link']} | {line['compute_s'] * 1e3:.1f} | "
@@ -292,7 +298,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines += ["", f"Check at world size 2 on this machine (weak scaling, mid_gpt): cores "
                           f"alone (2 processes computing at once, ×{check['concurrency_factor']:.2f}) "
                           f"predict {predicted['compute_only']['efficiency'] * 100:.0f}%; with the "
-                          f"measured gloo all-reduce {predicted['overlapped']['efficiency'] * 100:.0f}% "
+                          f"measured {check['backend']} all-reduce "
+                          f"{predicted['overlapped']['efficiency'] * 100:.0f}% "
                           f"(overlapped) / {predicted['not_overlapped']['efficiency'] * 100:.0f}% (not "
                           f"overlapped); measured {check['measured']['efficiency'] * 100:.0f}%. "
                           f"The all-reduce of the {sum(check['bucket_bytes']) / 1e6:.2f} MB of "
@@ -303,7 +310,8 @@ def markdown(results: dict[str, Any]) -> str:
 
     gpu = results.get("gpu", {})
     if "modes" in gpu:
-        lines += ["**GPU** (bf16)", "", "| mode | tokens/s | MFU | peak GiB | warm-up s |", "|---|---|---|---|---|"]
+        lines += ["**GPU** (bf16)", "", "| mode | tokens/s | MFU | peak GiB | warm-up s |",
+                  "|---|---|---|---|---|"]
         for mode, data in gpu["modes"].items():
             lines.append(f"| {mode} | {data['tokens_per_s']:,.0f} | {_fmt(data['mfu'])} | "
                          f"{data['peak_memory_gib']:.1f} | {data['warmup_s']:.1f} |")
@@ -371,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             print(f"run.py: error: {exc}", file=sys.stderr)
             return 2
-    from common import CpuWatch, machine_info, wait_for_quiet
+    from common import CpuWatch, machine_info, utc_now, wait_for_quiet
 
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks, read at their start
     # SIGTERM unwinds like Ctrl-C, so that spawned ranks are stopped, not orphaned.
@@ -400,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             waited += before["waited_s"]
             print(f"[{time.monotonic() - started - waited:5.0f} s] {section}"
                   + (f" (attempt {attempt + 1})" if attempt else "") + " ...", flush=True)
+            measured_at = utc_now()
             with CpuWatch() as watch:
                 result = RUNNERS[section](plan, args.device, results)
             during = watch.result
@@ -407,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             # Under a second the CPU counters are too coarse to judge (and nothing was timed).
             noisy = during["wall_s"] >= 1 and disturbance > NOISY_CORES
             attempts.append({"result": result, "before": before, "during": during, "noisy": noisy,
-                             "disturbance": disturbance})
+                             "disturbance": disturbance, "timestamp_utc": measured_at})
             if not noisy:
                 break
             print(f"  warning: other processes ({during['others_cores']:.2f} cores) and other "
@@ -415,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         best = min(attempts, key=lambda a: a["disturbance"])
         results[section] = best["result"]
-        results["conditions"][section] = {"before": best["before"], "during": best["during"],
+        results["conditions"][section] = {"timestamp_utc": best["timestamp_utc"],
+                                          "before": best["before"], "during": best["during"],
                                           "noisy": best["noisy"], "attempts": len(attempts)}
     results["runtime_s"] = round(time.monotonic() - started - waited, 1)
     results["waited_s"] = round(waited, 1)
