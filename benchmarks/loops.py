@@ -25,10 +25,11 @@ from ddp_train.preemption import PreemptionWatch
 
 EXTRAS: dict[str, str] = {
     "grad_norm": "(a) torch.nn.utils.get_total_norm of all gradients",
-    "finite_check": "(b) torch.isfinite(...).all() of the norm (or loss) + host sync (bool())",
-    "preempt_allreduce": "(c) PreemptionWatch.agreed(): async 1-element all-reduce, waited one step later",
-    "loss_accum": "(e) loss summed on the device (float64 zeros, +=, += into the running sums)",
-    "loss_div": "(f) backward of loss / grad_accum_steps instead of loss (one more autograd node)",
+    "finite_check": "(b) torch.isfinite() of the norm (or norm + loss) + host sync (bool())",
+    "preempt_allreduce": "(c) PreemptionWatch.agreed(): async all-reduce of the stop flag "
+                         "every ~0.2 s, read at the next agreement",
+    "loss_accum": "(e) loss kept on the device in float64, added into the running sums",
+    "loss_div": "(f) backward of loss / grad_accum_steps (one more autograd node; only when > 1)",
 }
 """ddp_train's per-step additions to a minimal loop, each one switchable in :class:`HandLoop`.
 (d), ``scheduler.step()`` of ``LambdaLR(WarmupSchedule)``, is part of both loops; its cost
@@ -69,6 +70,7 @@ class HandLoop:
         self.accum, self.no_sync = accum, no_sync
         self.grad_norm, self.finite_check = "grad_norm" in extras, "finite_check" in extras
         self.preempt, self.loss_accum = "preempt_allreduce" in extras, "loss_accum" in extras
+        # The Trainer divides only when it accumulates; "loss_div" forces it to measure the cost.
         self.loss_div = "loss_div" in extras or accum > 1
         self.env = DistEnv.setup(DistConfig(), device.type)  # the existing group; owns nothing
         self.loss_sums = torch.zeros(2, dtype=torch.float64, device=device)
@@ -103,14 +105,18 @@ class HandLoop:
             return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
 
     def _step(self, watch: PreemptionWatch | None) -> None:
-        step_loss = torch.zeros((), dtype=torch.float64, device=self.device) if self.loss_accum else None
+        micro_losses = []
         for micro in range(self.accum):
             skip_sync = self.no_sync and micro < self.accum - 1
             with self.ddp.no_sync() if skip_sync else nullcontext():
                 loss = self.forward_loss()
                 (loss / self.accum if self.loss_div else loss).backward()
-            if step_loss is not None:
-                step_loss += loss.detach()
+            if self.loss_accum:
+                micro_losses.append(loss.detach())
+        step_loss = None
+        if self.loss_accum:
+            step_loss = (micro_losses[0].double() if self.accum == 1
+                         else torch.stack(micro_losses).double().sum())
         norm = None
         if self.grad_norm:
             norm = torch.nn.utils.get_total_norm(
@@ -118,7 +124,7 @@ class HandLoop:
         finite = True
         if self.finite_check:
             watched = norm if norm is not None else loss.detach()
-            finite = bool(torch.isfinite(torch.stack([watched.double()])).all())
+            finite = bool(torch.isfinite(watched))
         if finite:
             self.optimizer.step()
             if step_loss is not None:

@@ -3,9 +3,16 @@
 SIGTERM (``scancel``, the end of a time limit, torchrun stopping its workers), SIGUSR1
 and SIGUSR2 (``#SBATCH --signal``; NCCL may claim USR1, so SLURM scripts use USR2) set a
 flag. Ranks may receive the signal at different steps, so they agree through an
-all-reduce (MAX) of the flag. To keep that collective off the critical path it is started
-asynchronously after step s and read after step s+1: every rank sees the same result at
-the same step, at the cost of at most one more step.
+all-reduce (MAX) of the flag.
+
+That collective must not cost a step anything. It is started asynchronously at one
+agreement point and read at the next, and agreement points are ``interval`` optimizer
+steps apart, with ``interval`` chosen so that they come about every
+``AGREE_EVERY_S`` seconds: a tiny model stepping in a millisecond agrees every few hundred
+steps, a large one every step. The interval is itself agreed in the same all-reduce (the
+smallest proposal wins, sent negated so that MAX serves both), so every rank always agrees
+at the same step. A signal is acted on within two intervals: well under a second, far
+inside the grace period of SLURM (``--signal=...@180``) and of torchrun (30 s).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -24,6 +32,10 @@ from ddp_train.distributed import DistEnv
 log = logging.getLogger("ddp_train")
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+AGREE_EVERY_S = 0.2
+"""Target time between two agreement points."""
+MAX_INTERVAL = 1000
+"""Most optimizer steps between two agreement points (bounds the wait if steps slow down)."""
 
 
 class PreemptionWatch:
@@ -33,8 +45,12 @@ class PreemptionWatch:
         self.env = env
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
-        self._flag = torch.zeros(1, device=env.device)
+        self._buffer = torch.zeros(2, dtype=torch.float64, device=env.device)
         self._work: dist.Work | None = None
+        self.interval = 1
+        """Optimizer steps between agreement points; the same on every rank."""
+        self._steps_since = 0
+        self._since = time.perf_counter()
 
     def __enter__(self) -> PreemptionWatch:
         # Handlers can only be installed from the main thread (a library user may train
@@ -42,6 +58,7 @@ class PreemptionWatch:
         if threading.current_thread() is threading.main_thread():
             for signum in PREEMPTION_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
+        self._since = time.perf_counter()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -60,12 +77,23 @@ class PreemptionWatch:
         requested = self.signal_name is not None
         if not self.env.distributed:
             return requested
+        self._steps_since += 1
+        if self._steps_since < self.interval:
+            return False
         stop = False
         if self._work is not None:
             self._work.wait()
-            stop = bool(self._flag.item() > 0)
-        self._flag = torch.tensor([1.0 if requested else 0.0], device=self.env.device)
-        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, async_op=True)
+            flag, negated_interval = self._buffer.tolist()
+            stop, self.interval = flag > 0, int(-negated_interval)
+        now = time.perf_counter()
+        # Steps that fit in AGREE_EVERY_S at this rank's recent pace (validation and
+        # checkpoints included, which only makes the interval shorter).
+        pace = (now - self._since) / self._steps_since
+        proposal = max(1, min(MAX_INTERVAL, int(AGREE_EVERY_S / max(pace, 1e-9))))
+        self._buffer = torch.tensor([1.0 if requested else 0.0, -float(proposal)],
+                                    dtype=torch.float64, device=self.env.device)
+        self._work = dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX, async_op=True)
+        self._steps_since, self._since = 0, now
         return stop
 
     def drain(self) -> None:
