@@ -390,8 +390,11 @@ class Trainer:
         self.profiler = StepProfiler(self.config.run_dir, self.env.rank, self.env.device, profile.wait,
                                      profile.warmup, profile.active, profile.record_shapes,
                                      profile.memory) if profile.enabled else None
-        try:
-            with PreemptionWatch(self.env) as preemption:
+        # The handlers stay installed until summary.json is written: a signal that comes
+        # after the last step (while model.pt is written) must not kill the process with
+        # neither file on disk; the run then simply completes.
+        with PreemptionWatch(self.env) as preemption:
+            try:
                 try:
                     if self.profiler is not None:
                         self.profiler.start(self.progress.global_step)
@@ -401,15 +404,15 @@ class Trainer:
                 finally:
                     preemption.drain()
                     self._stop_profiler()
-            if status != "preempted":
-                self._write_model()
-        finally:
-            if self.env.is_main:
-                self.checkpoints.wait()
-            self.progress.wall_time_s = previous_wall_time + time.perf_counter() - started
-            summary = self._summary(status)
-            if self.env.is_main:
-                self.run_dir.write_summary(summary)
+                if status != "preempted":
+                    self._write_model()
+            finally:
+                if self.env.is_main:
+                    self.checkpoints.wait()
+                self.progress.wall_time_s = previous_wall_time + time.perf_counter() - started
+                summary = self._summary(status)
+                if self.env.is_main:
+                    self.run_dir.write_summary(summary)
         return summary
 
     def _stop_profiler(self) -> None:
