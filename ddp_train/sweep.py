@@ -100,7 +100,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         help="median pruner: finished trials before it prunes any (default: 2)")
     parser.add_argument("--sampler", choices=("tpe", "random", "grid"), default="tpe",
                         help="how parameters are chosen (default: tpe)")
-    parser.add_argument("--seed", type=int, help="sampler seed (default: random)")
+    parser.add_argument("--seed", type=int,
+                        help="sampler seed, offset by the trials the study already has (default: "
+                             "random; give concurrent workers different seeds)")
     parser.add_argument("--heartbeat", type=float, default=30.0, metavar="S",
                         help="seconds between a worker's heartbeats; a trial silent for 3 of them "
                              "is taken as lost and run again (default: 30)")
@@ -153,6 +155,10 @@ def sweep_command(argv: list[str], prog: str) -> int:
         direction="maximize" if settings.maximize else "minimize",
         sampler=_sampler(optuna, args.sampler, args.seed, settings.parameters, args.trials),
         pruner=_pruner(optuna, args.pruner, args.startup_trials))
+    if args.seed is not None and study.trials:
+        # Continuing a study: the seed's first draws were made already, by the first start.
+        study.sampler = _sampler(optuna, args.sampler, args.seed + len(study.trials),
+                                 settings.parameters, args.trials)
     wanted = optuna.study.StudyDirection.MAXIMIZE if settings.maximize else optuna.study.StudyDirection.MINIMIZE
     if study.direction != wanted:
         raise ConfigError("--direction", f"study {study.study_name!r} in this storage "
@@ -243,7 +249,8 @@ class SweepWorker:
         while self.stop.signal_name is None:
             self._requeue_lost_trials()
             trials = self.study.get_trials(deepcopy=False)
-            if sum(_counts(t, self.optuna) for t in trials) >= self.settings.trials:
+            queued = any(t.state == TrialState.WAITING for t in trials)  # ask() takes these first
+            if sum(_counts(t, self.optuna) for t in trials) >= self.settings.trials and not queued:
                 if not any(t.state == TrialState.RUNNING for t in trials):
                     return "completed"
                 time.sleep(min(1.0, self.settings.heartbeat_s))  # running elsewhere: wait
