@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import clean_env, read_metrics, read_summary
+from conftest import clean_env, read_metrics, read_summary, run_cli
 from ddp_train.cli import main
 
 optuna = pytest.importorskip("optuna")
@@ -178,6 +178,17 @@ def test_lr_range_test_suggests_an_lr_that_trains_where_100x_diverges(
     assert result["diverged_at_lr"] is not None and suggested < result["diverged_at_lr"]
     assert all(b > a for a, b in zip(result["lrs"], result["lrs"][1:]))  # exponential sweep up
     assert not (workdir / "runs/lrf/metrics.jsonl").exists()  # the probe's run files are thrown away
+
+    # At 2 ranks with the same global batch (DDP, the loss averaged over ranks): the same test.
+    result2 = run_cli(["lr-find", "--start-lr", "1e-4", "--end-lr", "10", "--num-steps", "60",
+                       *CONVEX, "data.batch_size=16", "run.name=lrf2"], cwd=workdir, nproc=2)
+    assert result2.returncode == 0, result2.stderr
+    two_ranks = json.loads((workdir / "runs/lrf2/lr_find.json").read_text())
+    assert two_ranks["world_size"] == 2
+    common = min(len(two_ranks["losses"]), len(result["losses"]))
+    assert two_ranks["losses"][:common] == pytest.approx(result["losses"][:common], rel=1e-4)
+    step_ratio = (10 / 1e-4) ** (1 / 59)  # one step of the LR sweep
+    assert abs(math.log(two_ranks["suggested_lr"] / suggested)) <= math.log(step_ratio) * 1.01
 
     assert main([*CONVEX, "run.name=good", f"optim.lr={suggested}", "train.epochs=5"]) == 0
     assert read_summary(workdir / "runs/good")["final"]["val/accuracy"] >= 0.95
