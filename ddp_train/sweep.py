@@ -357,7 +357,7 @@ class SweepWorker:
     def _follow(self, trial: Any, child: ChildRun) -> tuple[list[float], int | None]:
         """Report each validation to Optuna until the run ends; returns (values, step pruned at)."""
         metric = self.settings.metric
-        follower = MetricsFollower(Path(self.settings.run_dir / "trials" / str(trial.number) / "metrics.jsonl"))
+        follower = MetricsFollower(self.settings.run_dir / "trials" / str(trial.number) / "metrics.jsonl")
         values: list[float] = []
         pruned_at: int | None = None
         while True:

@@ -62,8 +62,12 @@ def test_sweep_resumes_after_a_kill_with_two_workers_at_two_ranks(workdir: Path,
     deadline = time.monotonic() + 120
     while True:  # kill once 3 trials have finished and a 4th is running
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
-        journal = workdir / "runs" / "sw" / "optuna.journal"
-        trials = _study(workdir).get_trials() if journal.exists() else []
+        trials = []
+        if (workdir / "runs" / "sw" / "optuna.journal").exists():
+            try:
+                trials = _study(workdir).get_trials()
+            except KeyError:  # the worker has not created the study yet
+                pass
         if (sum(t.state.name in FINISHED for t in trials) >= 3
                 and any(t.state.name == "RUNNING" for t in trials)):
             break
@@ -105,8 +109,9 @@ def test_sweep_resumes_after_a_kill_with_two_workers_at_two_ranks(workdir: Path,
         config = yaml.safe_load((sweep_dir / "trials" / str(trial.number) / "config.yaml").read_text())
         assert config["run"]["name"] == str(trial.number)
         assert config["optim"]["lr"] == trial.params["optim.lr"]
-    for trial in later:
-        assert read_summary(sweep_dir / "trials" / str(trial.number))["world_size"] == 2
+    for trial in later:  # (a pruned run stopped while it wrote its outputs has no summary.json)
+        log = (sweep_dir / "trials" / str(trial.number) / "train.log").read_text()
+        assert "--nproc_per_node=2" in log and "| world size 2 on cpu |" in log
     # Bad learning rates fail clearly: some pruned (their runs were stopped by a signal).
     states = [t.state.name for t in finished]
     assert states.count("PRUNED") >= 1 and states.count("COMPLETE") >= 2
