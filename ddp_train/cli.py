@@ -73,9 +73,33 @@ def plot_command(argv: list[str], prog: str) -> int:
     return 0
 
 
+def sweep_command(argv: list[str], prog: str) -> int:
+    """``sweep``: Optuna hyperparameter search, each trial a training run (ddp_train.sweep)."""
+    from ddp_train.sweep import sweep_command as run_sweep
+
+    return run_sweep(argv, prog)
+
+
+def lr_find_command(argv: list[str], prog: str) -> int:
+    """``lr-find``: an exponential learning-rate range test (ddp_train.lr_find)."""
+    from ddp_train.lr_find import lr_find_command as run_lr_find
+
+    return run_lr_find(argv, prog)
+
+
+def cv_command(argv: list[str], prog: str) -> int:
+    """``cv``: k-fold cross-validation, one training run per fold (ddp_train.cross_validation)."""
+    from ddp_train.cross_validation import cv_command as run_cv
+
+    return run_cv(argv, prog)
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[list[str], str], int], str]] = {
     "train": (train_command, "train a model (the default)"),
     "plot": (plot_command, "draw a run's metrics as PNG charts"),
+    "sweep": (sweep_command, "hyperparameter search with Optuna (trials are training runs)"),
+    "lr-find": (lr_find_command, "learning-rate range test: suggests optim.lr"),
+    "cv": (cv_command, "k-fold cross-validation, one training run per fold"),
 }
 
 

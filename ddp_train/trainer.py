@@ -492,6 +492,28 @@ class Trainer:
             if status != "running":
                 return status
 
+    def train_steps(self) -> Iterator[float | None]:
+        """Optimizer steps over the training data in fit()'s order, endlessly, for probes such as
+        the LR range test; no validation, logging or checkpoints.
+
+        Yields after each step its loss, averaged over micro-batches and ranks (a collective:
+        every rank must advance together), or None when the step was skipped as non-finite
+        (``train.nonfinite=skip``). An LR set on the optimizer before a step is the one it uses.
+        """
+        self.module.train()
+        batches: Iterator[Any] | None = None
+        while True:
+            if batches is None:
+                batches = self._epoch_batches()
+            self._optimizer_step(batches)
+            self.progress.global_step += 1
+            self.progress.step_in_epoch += 1
+            if self.progress.step_in_epoch == self.steps_per_epoch:
+                self.progress.epoch += 1
+                self.progress.step_in_epoch = 0
+                batches = None
+            yield self._mean_loss(slot=0)
+
     def _train_record(self, grad_norm: float, lr: float, samples_per_s: float) -> dict[str, Any]:
         """The train/* metrics of a log step (plus sys/*, grad_norm/*, act/* when enabled)."""
         progress, config = self.progress, self.config

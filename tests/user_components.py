@@ -86,3 +86,16 @@ def rank1_nan_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
         return loss
     rank1_nan_loss.calls = getattr(rank1_nan_loss, "calls", 0) + 1  # type: ignore[attr-defined]
     return loss * float("nan") if rank1_nan_loss.calls % 5 == 0 else loss  # type: ignore[attr-defined]
+
+
+def linear(in_features: int = 8, out_features: int = 3) -> nn.Module:
+    """Multinomial logistic regression: with cross entropy, a convex problem."""
+    return nn.Linear(in_features, out_features)
+
+
+def onehot_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Least-squares classification: MSE between the outputs and one-hot targets.
+
+    With :func:`linear` a convex quadratic, on which plain SGD diverges above a known LR.
+    """
+    return nn.functional.mse_loss(outputs, nn.functional.one_hot(targets, outputs.shape[-1]).float())
