@@ -501,7 +501,7 @@ def export_run(request: ExportRequest) -> dict[str, Any]:
         "task": run.task,
         "num_classes": int(output.shape[-1]) if run.task in ("classification", "language_model") else None,
         "input": {"name": INPUT_NAME, "shape": [BATCH_AXIS, *example.shape[1:]],
-                  "dtype": str(example.dtype).removeprefix("torch.")},
+                  "dtype": str(example.dtype).removeprefix("torch."), **_integer_range(run, example)},
         "output": {"name": OUTPUT_NAME, "shape": [BATCH_AXIS, *output.shape[1:]],
                    "dtype": str(output.dtype).removeprefix("torch.")},
         "input_stats": input_stats(run.train_dataset),
@@ -514,6 +514,24 @@ def export_run(request: ExportRequest) -> dict[str, Any]:
     }
     write_manifest(out, manifest)
     return manifest
+
+
+def _integer_range(run: RunModel, example: torch.Tensor) -> dict[str, list[int]]:
+    """``{"range": [low, high]}`` for integer inputs (token ids), which index an embedding.
+
+    The data set's ``vocab_size`` hint when it gives one, else the training data's extremes.
+    """
+    if example.dtype.is_floating_point or example.dtype.is_complex:
+        return {}
+    vocab = getattr(run.train_dataset, "model_hints", {}).get("vocab_size")
+    if vocab is not None:
+        return {"range": [0, int(vocab) - 1]}
+    low = high = None
+    for batch in DataLoader(run.train_dataset, batch_size=1024):
+        inputs = _inputs(batch)
+        low = int(inputs.min()) if low is None else min(low, int(inputs.min()))
+        high = int(inputs.max()) if high is None else max(high, int(inputs.max()))
+    return {"range": [low, high]}
 
 
 def _compare(before: dict[str, float], after: dict[str, float]) -> str:

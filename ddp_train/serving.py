@@ -91,6 +91,11 @@ class InputSpec:
         self.example_shape = tuple(int(d) for d in manifest["input"]["shape"][1:])
         self.dtype = np.dtype(manifest["input"]["dtype"])
         self.integers = self.dtype.kind in "iu"
+        self.range: list[int] | None = None
+        if self.integers:
+            # Token ids index an embedding: outside its range the model itself would fail.
+            info = np.iinfo(self.dtype)
+            self.range = manifest["input"].get("range") or [int(info.min), int(info.max)]
         self.max_batch = max_batch
 
     def _shape_text(self) -> str:
@@ -145,10 +150,13 @@ class InputSpec:
         if len(batch) > self.max_batch:
             raise BadRequest(413, f"inputs: a batch of {len(batch)} examples is over this server's "
                                   f"limit of {self.max_batch} (--max-batch); split it")
-        if self.integers:
-            info = np.iinfo(self.dtype)
-            if array.min() < info.min or array.max() > info.max:
-                raise BadRequest(422, f"inputs: expected integers within {self.dtype.name}'s range")
+        if self.range is not None:
+            low, high = self.range
+            outside = (array < low) | (array > high)
+            if outside.any():
+                where = [int(i) for i in np.argwhere(outside)[0]] if array.ndim else []
+                raise BadRequest(422, f"inputs: expected integers in [{low}, {high}] (the model's input "
+                                      f"range), got {int(array[tuple(where)])} at {where}")
             return batch.astype(self.dtype, copy=False), single
         converted = batch.astype(self.dtype)
         if not np.isfinite(converted).all():
@@ -447,7 +455,12 @@ def create_app(options: ServeOptions) -> FastAPI:
         batch, single = spec.parse(await read_body(request, options.max_body_bytes))
         drift.update(batch)
         metrics.batch_size.observe(len(batch))
-        outputs = await run_in_threadpool(backend.run, batch)
+        try:
+            outputs = await run_in_threadpool(backend.run, batch)
+        except Exception as exc:  # a server-side failure on validated input: 500, and keep serving
+            message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            log.error("the model failed on a batch of %d: %s", len(batch), message)
+            return JSONResponse({"error": f"the model failed on these inputs: {message}"}, status_code=500)
         predictions = outputs.argmax(axis=-1) if classify else outputs
         if single:
             outputs, predictions = outputs[0], predictions[0]
