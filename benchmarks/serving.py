@@ -241,8 +241,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         axes[1].bar(xs, [cells[k]["p50_ms"] for k in keys], width, color=colors[backend], label=f"{backend} p50")
         axes[2].bar(xs, [cells[k]["server_cpu_us_per_request"] for k in keys], width, color=colors[backend],
                     label=backend)
-    titles = ("requests per second (median over rounds)", "client latency, ms (p50 solid, p99 light)",
+    titles = ("requests per second (median over rounds)", "client latency, ms, log scale (p50 solid, p99 light)",
               "server CPU time per request, µs")
+    axes[1].set_yscale("log")
     for ax, title in zip(axes, titles):
         ax.set_xticks(range(len(CONCURRENCY)), [f"concurrency {c}" for c in CONCURRENCY])
         ax.set_title(title, fontsize=10)
@@ -253,8 +254,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
                  f"{results['model']['input']['shape']} — startup onnxruntime "
                  f"{results['startup_s']['onnxruntime']:.2f} s / torch {results['startup_s']['torch']:.2f} s, "
                  f"RSS {results['rss_mb']['onnxruntime']:.0f} / {results['rss_mb']['torch']:.0f} MiB", fontsize=10)
+    others = results["conditions"]["others_cores"]
     fig.text(0.01, 0.005, f"{machine['cpu_cores']}-core {machine['cpu_model']}, torch {machine['torch']}, "
-                          f"{machine['timestamp_utc']}; load generator on the same machine", fontsize=8, color="gray")
+                          f"{machine['timestamp_utc']}; load generator on the same machine; other processes "
+                          f"took {others:.2f} cores meanwhile", fontsize=8, color="gray")
     fig.tight_layout(rect=(0, 0.03, 1, 0.95))
     fig.savefig(path)
     plt.close(fig)

@@ -128,7 +128,11 @@ def load_run_model(run_dir: Path) -> RunModel:
     seed_everything(config.run.seed)
     train_dataset, val_dataset = build_datasets(data_factory, config.data)
     model = build_model(model_factory, config.model, getattr(train_dataset, "model_hints", {}))
-    state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or holding more than tensors
+        raise ConfigError("RUN_DIR", f"cannot load {run_dir / 'model.pt'} as a state dict "
+                                     f"({str(exc).strip().splitlines()[0][:300]})") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

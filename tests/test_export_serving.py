@@ -1,18 +1,20 @@
 """Export (ONNX, torch.export, TorchScript, int8, pruning) and the HTTP model server, for real.
 
 One user model is trained once (a subprocess, world size 1) and exported once through the
-CLI with every format and int8 quantization; the tests check the files independently of
-the exporter's own report (onnxruntime, torch.export.load, torch.jit.load, on batch sizes
-the exporter never tried) and talk to real server processes over loopback HTTP.
+CLI's entry point with every format and int8 quantization; the tests check the files
+independently of the exporter's own report (onnxruntime, torch.export.load, torch.jit.load,
+on batch sizes the exporter never tried) and talk to real server processes (``python -m
+ddp_train serve``) over loopback HTTP with the standard library's client.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
-import threading
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,7 +86,6 @@ def test_every_format_answers_like_the_model_at_other_batch_sizes(run_dir: Path,
         assert len(set(entry["checked_batch_sizes"])) == 3 and 1 in entry["checked_batch_sizes"]
         path = export_dir / entry["file"]
         assert entry["size_bytes"] == path.stat().st_size
-        import hashlib
         assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert "legacy" in exported["formats"]["torchscript"]["note"]
     assert exported["input"] == {"name": "input", "shape": ["batch", FEATURES], "dtype": "float32"}
