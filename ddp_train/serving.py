@@ -143,6 +143,8 @@ class InputSpec:
             if bad is not None:
                 where, value = bad
                 raise BadRequest(422, f"inputs: expected {expected}, got {_describe(value)} at {where}")
+            if array.dtype.kind not in "iuf":  # every leaf a number, yet no numeric array
+                raise BadRequest(422, f"inputs: expected {expected} that fit in {self.dtype.name}")
         single = array.shape == self.example_shape
         if not single and array.shape[1:] != self.example_shape:
             raise BadRequest(422, f"inputs: expected shape {self._shape_text()}, got {list(array.shape)}")
