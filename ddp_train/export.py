@@ -59,9 +59,9 @@ PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TORCHSCRIPT_NOTE = ("legacy: torch.jit.trace is deprecated in PyTorch; prefer model.pt2 "
                     "(torch.export) or model.onnx. A trace records one path through the model: "
                     "Python control flow is frozen at what the example batch took.")
-QUANTIZATION_METHOD = ("onnxruntime.quantization.quantize_dynamic: int8 weights (per tensor, "
-                       "symmetric), activations quantized per batch at run time; Linear/MatMul "
-                       "and Conv layers only")
+QUANTIZATION_METHOD = ("onnxruntime.quantization.quantize_dynamic: int8 weights (per tensor), "
+                       "activations quantized per batch at run time, in the operators onnxruntime "
+                       "quantizes dynamically (MatMul/Gemm of Linear layers, Conv, ...)")
 _METRIC_KEYS = ("val/loss", "val/accuracy", "val/f1_macro", "val/mse", "val/mae", "val/r2",
                 "val/perplexity")
 """The validation metrics reported before and after quantization and pruning."""
@@ -220,6 +220,14 @@ Exported = tuple[Runner, dict[str, Any]]
 
 
 @contextlib.contextmanager
+def _quiet_console() -> Iterator[None]:
+    """Swallow what a library prints (progress lines, advice, graph dumps) while it runs."""
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
+
+
+@contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Keep the exporters' progress prints, warnings and graph dumps off the console.
 
@@ -228,9 +236,8 @@ def _quiet() -> Iterator[None]:
     torch_log = logging.getLogger("torch")
     level = torch_log.level
     torch_log.setLevel(logging.ERROR)
-    sink = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        with warnings.catch_warnings(), _quiet_console():
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -248,7 +255,7 @@ def export_program(model: nn.Module, example: torch.Tensor, path: Path) -> Expor
         program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch())
         torch.export.save(program, path)
         loaded = torch.export.load(path).module()
-    return (lambda inputs: loaded(inputs)), {}
+    return loaded, {}
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Exported:
@@ -288,15 +295,7 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> E
             loaded = torch.jit.load(str(path))
     tracer_warnings = sorted({str(w.message).splitlines()[0] for w in caught
                               if issubclass(w.category, torch.jit.TracerWarning)})
-    return (lambda inputs: loaded(inputs)), {"note": TORCHSCRIPT_NOTE, "tracer_warnings": tracer_warnings}
-
-
-@contextlib.contextmanager
-def _quiet_console() -> Iterator[None]:
-    """Swallow what a library prints (progress lines, advice) while it runs."""
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        yield
+    return loaded, {"note": TORCHSCRIPT_NOTE, "tracer_warnings": tracer_warnings}
 
 
 EXPORTERS: dict[str, Callable[[nn.Module, torch.Tensor, Path], Exported]] = {

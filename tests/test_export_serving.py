@@ -77,6 +77,7 @@ def exported(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "export" / "manifest.json").read_text())
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_every_format_answers_like_the_model_at_other_batch_sizes(run_dir: Path, exported: dict[str, Any]) -> None:
     export_dir = run_dir / "export"
     assert set(exported["formats"]) == {"onnx", "exported", "torchscript", "onnx_int8"}
