@@ -26,7 +26,8 @@ a 95% interval from resampling whole rounds. The load generator shares the CPU w
 servers: on a 2-core machine the absolute rates are the machine's, compare ratios.
 
 Run: ``PYTHONPATH=. python benchmarks/serving.py [--rounds N] [--requests N] [--out DIR]``;
-writes ``serving.json`` (every sample, medians, ratios, the machine and its load) and
+writes ``serving.json`` (every block's rate and latency percentiles, medians, ratios, the
+machine and its load) and
 ``serving.png``. Needs ``pip install "ddp_train[export,serve,plot]"``.
 """
 
@@ -205,6 +206,14 @@ def summarize_cells(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return cells
 
 
+def block_summary(block: dict[str, Any]) -> dict[str, Any]:
+    """One block as saved: its rate, latency percentiles and server CPU (not every latency)."""
+    latencies = block["latencies_s"]
+    return {"requests": len(latencies), "requests_per_s": block["requests_per_s"],
+            **{f"p{q}_ms": percentile(latencies, q) * 1e3 for q in (50, 90, 99)},
+            "max_ms": max(latencies) * 1e3, "server_cpu_us_per_request": block["server_cpu_us_per_request"]}
+
+
 def ratios(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """onnxruntime / torch per concurrency: rate, p50 and server CPU, with 95% intervals."""
     result = {}
@@ -277,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"benchmark": "serving", "machine": machine_info(), "started_utc": started,
                "quiet_before": quiet, **{k: v for k, v in measured.items() if k != "samples"},
                "cells": summarize_cells(measured["samples"]), "ratios": ratios(measured["samples"]),
-               "samples": {key: [{**block, "latencies_s": [round(x, 7) for x in block["latencies_s"]]}
-                                 for block in blocks] for key, blocks in measured["samples"].items()}}
+               "samples": {key: [block_summary(block) for block in blocks]
+                           for key, blocks in measured["samples"].items()}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serving.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, args.out / "serving.png")
