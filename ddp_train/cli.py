@@ -13,11 +13,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from torch.distributed.elastic.multiprocessing.errors import record
-
 from ddp_train.config import config_to_yaml, load_config
-from ddp_train.distributed import read_launch_info
-from ddp_train.errors import ConfigError, TrainingFailed
+from ddp_train.errors import ConfigError, ExportFailed, TrainingFailed
+from ddp_train.extras import require
 from ddp_train.plot import plot_run
 
 log = logging.getLogger("ddp_train")
@@ -94,12 +92,82 @@ def cv_command(argv: list[str], prog: str) -> int:
     return run_cv(argv, prog)
 
 
+def export_command(argv: list[str], prog: str) -> int:
+    """``export``: ONNX, torch.export and TorchScript files of a run's model, checked against it."""
+    parser = argparse.ArgumentParser(
+        prog=f"{prog} export", description="Export a finished run's model (config.yaml + model.pt) "
+        "with a dynamic batch axis, check every file against the model on real validation batches "
+        "(a difference over the tolerance fails, exit 1), and write manifest.json: input/output "
+        "names, shapes and dtypes, checksums, the differences, the task and the training inputs' "
+        "mean/std for drift monitoring. ONNX needs: pip install \"ddp_train[export]\".")
+    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a finished run directory")
+    parser.add_argument("--format", default="all", choices=("onnx", "exported", "torchscript", "all"),
+                        help="model.onnx (torch.onnx, dynamo), model.pt2 (torch.export), model.ts "
+                             "(torch.jit.trace, legacy) or all three (default)")
+    parser.add_argument("--quantize", choices=("int8",),
+                        help="also write model.int8.onnx (onnxruntime dynamic quantization) and "
+                             "report its size and validation metrics against fp32")
+    parser.add_argument("--prune", type=float, metavar="AMOUNT",
+                        help="first zero this fraction of each Linear/Conv weight (L1 unstructured, "
+                             "permanent) and report validation metrics before and after")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="output directory (default RUN_DIR/export)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest absolute difference from the model allowed (default 1e-4)")
+    parser.add_argument("--batch-size", type=int, metavar="N",
+                        help="example batch size (default: the run's validation batch size)")
+    args = parser.parse_args(argv)
+    from ddp_train.export import FORMATS, ExportRequest, export_run  # torch: only when exporting
+
+    request = ExportRequest(args.run_dir, args.out or args.run_dir / "export",
+                            FORMATS if args.format == "all" else (args.format,), args.quantize,
+                            args.prune, args.tolerance, args.batch_size)
+    export_run(request)
+    print(request.out_dir)
+    return 0
+
+
+def serve_command(argv: list[str], prog: str) -> int:
+    """``serve``: an HTTP model server for an exported model (FastAPI on uvicorn)."""
+    parser = argparse.ArgumentParser(
+        prog=f"{prog} serve", description="Serve an exported model over HTTP: POST /predict "
+        "{\"inputs\": [...]} (one example or a batch), GET /healthz, /readyz and /metrics "
+        "(Prometheus: requests, latency, batch sizes, model version, input drift against the "
+        "training data). Inputs are checked against manifest.json. Needs: "
+        "pip install \"ddp_train[serve]\"; the onnxruntime backend does not load torch.")
+    parser.add_argument("path", metavar="PATH", type=Path,
+                        help="an export directory or a run directory exported with 'export'")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"),
+                        help="run model.onnx with onnxruntime (default) or model.pt2 with torch")
+    parser.add_argument("--int8", action="store_true",
+                        help="serve model.int8.onnx (export --quantize int8; onnxruntime only)")
+    parser.add_argument("--max-batch", type=int, default=256, metavar="N",
+                        help="largest batch one request may send (default 256)")
+    parser.add_argument("--max-body-bytes", type=int, default=8 << 20, metavar="BYTES",
+                        help="largest request body accepted (default 8 MiB)")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="intra-op threads per inference; requests run in parallel (default 1)")
+    parser.add_argument("--drift-window", type=int, default=1000, metavar="N",
+                        help="examples the running input mean for drift spans (default 1000)")
+    args = parser.parse_args(argv)
+    require(("fastapi", "uvicorn", "prometheus_client"), "serve", "ddp-train serve")
+    from ddp_train.serving import ServeOptions, serve  # fastapi, onnxruntime: only when serving
+
+    serve(ServeOptions(args.path, args.host, args.port, args.backend, args.int8, args.max_batch,
+                       args.max_body_bytes, args.threads, args.drift_window))
+    return 0
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[list[str], str], int], str]] = {
     "train": (train_command, "train a model (the default)"),
     "plot": (plot_command, "draw a run's metrics as PNG charts"),
     "sweep": (sweep_command, "hyperparameter search with Optuna (trials are training runs)"),
     "lr-find": (lr_find_command, "learning-rate range test: suggests optim.lr"),
     "cv": (cv_command, "k-fold cross-validation, one training run per fold"),
+    "export": (export_command, "export a run's model to ONNX, torch.export and TorchScript"),
+    "serve": (serve_command, "serve an exported model over HTTP with Prometheus metrics"),
 }
 
 
@@ -111,23 +179,33 @@ def _top_help(prog: str) -> str:
             f"'{prog} SUBCOMMAND --help' describes one.\n\n{EPILOG}\n")
 
 
-def _configure_logging() -> int:
+def _configure_logging(rank: int) -> None:
     """Rank 0 reports progress; other ranks only warnings, tagged with their rank."""
-    info = read_launch_info()
     handler = logging.StreamHandler(sys.stderr)
-    tag = f"[rank {info.rank}] " if info.rank > 0 else ""
+    tag = f"[rank {rank}] " if rank > 0 else ""
     handler.setFormatter(logging.Formatter(f"{tag}%(message)s"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.INFO if info.rank == 0 else logging.WARNING)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.propagate = False
-    return info.rank
 
 
-@record
 def main(argv: list[str] | None = None, prog: str = "ddp-train") -> int:
     """Run a subcommand and return the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    rank = _configure_logging()
+    if argv[:1] == ["serve"]:
+        # The model server runs without torch (onnxruntime backend): it has no launcher
+        # ranks and no torchelastic error file, whose helpers would import torch.
+        return _run(argv, prog, rank=0)
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from ddp_train.distributed import read_launch_info
+
+    return record(_run)(argv, prog, read_launch_info().rank)
+
+
+def _run(argv: list[str], prog: str, rank: int) -> int:
+    """Dispatch ``argv`` to its subcommand; expected failures become one line and an exit code."""
+    _configure_logging(rank)
     if argv and argv[0] in ("-h", "--help"):
         print(_top_help(prog), end="")
         return 0
@@ -147,6 +225,9 @@ def main(argv: list[str] | None = None, prog: str = "ddp-train") -> int:
         if rank == 0:  # every rank reads the same config: one message is enough
             print(f"{prog}: config error: {exc}", file=sys.stderr)
         return 2
+    except ExportFailed as exc:
+        print(f"{prog}: export failed: {exc}", file=sys.stderr)
+        return 1
     except TrainingFailed as exc:
         if rank == 0 or not exc.shared:
             print(f"{prog}: training failed: {exc}", file=sys.stderr)

@@ -26,3 +26,7 @@ class TrainingFailed(Exception):
     def __init__(self, message: str, shared: bool = True) -> None:
         self.shared = shared
         super().__init__(message)
+
+
+class ExportFailed(Exception):
+    """A model could not be exported, or an exported file does not answer like the model: exit 1."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import inspect
 import json
 import logging
 import math
@@ -35,7 +34,8 @@ from ddp_train.diagnostics import ActivationStats, GradNormWatch, layer_grad_nor
 from ddp_train.distributed import DistEnv
 from ddp_train.early_stopping import EarlyStopping
 from ddp_train.errors import ConfigError, TrainingFailed
-from ddp_train.losses import LOSS_TASKS, LossFn, build_loss
+from ddp_train.factories import build_datasets, build_model, infer_task
+from ddp_train.losses import LossFn, build_loss
 from ddp_train.metric_logging import (ConsoleSink, CsvSink, JsonlSink, MetricSink, TensorBoardSink,
                                       require_tensorboard)
 from ddp_train.metrics import MetricAccumulator
@@ -66,29 +66,6 @@ class TrainingProgress:
     wall_time_s: float = 0.0
     nonfinite_skips: int = 0
     nonfinite_in_a_row: int = 0
-
-
-def _call_factory(factory: Callable[..., Any], args: dict[str, Any], key: str) -> Any:
-    try:
-        inspect.signature(factory).bind(**args)
-    except TypeError as exc:
-        raise ConfigError(key, f"do not fit {getattr(factory, '__name__', factory)}: {exc}") from None
-    except ValueError:  # no introspectable signature: let the call itself decide
-        pass
-    try:
-        return factory(**args)
-    except ValueError as exc:  # a factory rejecting its arguments: bad input, not a bug
-        raise ConfigError(key, f"rejected by {getattr(factory, '__name__', factory)}: {exc}") from None
-
-
-def _with_hints(factory: Callable[..., Any], args: dict[str, Any], hints: dict[str, Any]
-                ) -> dict[str, Any]:
-    """``args`` plus the data set's size hints that the factory takes and the user left out."""
-    try:
-        accepted = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return dict(args)
-    return {**{k: v for k, v in hints.items() if k in accepted}, **args}
 
 
 def _tokens_per_sample(inputs: Any, task: str) -> int:
@@ -169,11 +146,7 @@ class Trainer:
 
         # Data.
         if data_factory is not None:
-            datasets = _call_factory(data_factory, config.data.args, "data.args")
-            if not (isinstance(datasets, (tuple, list)) and len(datasets) == 2):
-                raise ConfigError("data.name", f"expected {config.data.name!r} to return "
-                                               f"(train_dataset, val_dataset), got {type(datasets).__name__}")
-            train_dataset, val_dataset = datasets
+            train_dataset, val_dataset = build_datasets(data_factory, config.data)
         assert train_dataset is not None
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
         hints = getattr(train_dataset, "model_hints", {})
@@ -181,11 +154,7 @@ class Trainer:
         # Model: built from the shared seed, then initialised, normalised and moved.
         if model is None:
             assert model_factory is not None
-            config.model.args = _with_hints(model_factory, config.model.args, hints)
-            model = _call_factory(model_factory, config.model.args, "model.args")
-            if not isinstance(model, nn.Module):
-                raise ConfigError("model.name", f"expected {config.model.name!r} to return an "
-                                                f"nn.Module, got {type(model).__name__}")
+            model = build_model(model_factory, config.model, hints)
         apply_init(model, config.model.init)
         apply_norm(model, config.model.norm)
         self.module: nn.Module = model.to(device)
@@ -234,11 +203,7 @@ class Trainer:
                                                               "watch, but the data has none")
 
         # Validation metrics: the data set says what it is; else the built-in loss does.
-        task = config.eval.task
-        if task == "auto":
-            task = getattr(val_dataset, "task", None) or (
-                LOSS_TASKS.get(config.loss.name, "none") if builtin_loss else "none")
-        self.task = task
+        self.task = infer_task(config.eval.task, val_dataset, config.loss.name if builtin_loss else None)
 
         # What must survive a restart: progress here, the rest in the objects above.
         self.progress = TrainingProgress()

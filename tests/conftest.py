@@ -61,6 +61,20 @@ def load_model(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "model.pt", weights_only=True)
 
 
+def require_modules(*names: str) -> None:
+    """Skip the calling test (module) when an optional package is missing, or fail under CI
+    (CI=true), where the test extras are installed and every test must run."""
+    import importlib.util
+
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    if not missing:
+        return
+    reason = f"needs {', '.join(missing)} (pip install -e \".[test]\")"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI runs every test: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
 def free_port() -> int:
     """A TCP port on loopback that is free right now."""
     with socket.socket() as sock:

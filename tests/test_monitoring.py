@@ -67,7 +67,7 @@ def test_system_monitor_on_cpu_reads_sane_host_metrics() -> None:
 
 def test_no_gpu_with_or_without_nvidia_ml_py_is_silent(capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("pynvml")
+    require_modules("pynvml")
     if torch.cuda.is_available():
         pytest.skip("this checks the behaviour without a GPU")
     # A CUDA device without a GPU makes the monitor go all the way to NVML, which fails.
@@ -252,7 +252,7 @@ def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tensorboard_sink_writes_every_numeric_metric(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
+    require_modules("tensorboard")
     log_dir = tmp_path / "tensorboard"
     sink = TensorBoardSink(log_dir)
     for record in (TRAIN_1, VAL_1, TRAIN_2):
@@ -299,7 +299,7 @@ def _write_run(run_dir: Path, metric: str, grad_norm: bool) -> None:
 
 
 def test_plot_draws_the_charts_of_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("matplotlib")
+    require_modules("matplotlib")
     from matplotlib.image import imread
 
     run_dir = tmp_path / "runs" / "demo"

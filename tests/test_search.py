@@ -18,7 +18,8 @@ import yaml
 from conftest import clean_env, read_metrics, read_summary, run_cli
 from ddp_train.cli import main
 
-optuna = pytest.importorskip("optuna")
+require_modules("optuna")
+import optuna  # noqa: E402
 
 # A small user model on separable blobs: trials take a few steps, validating every 4.
 TINY = ["model.name=user_components:tiny_mlp", "data.name=user_components:blobs",

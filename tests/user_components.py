@@ -99,3 +99,47 @@ def onehot_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     With :func:`linear` a convex quadratic, on which plain SGD diverges above a known LR.
     """
     return nn.functional.mse_loss(outputs, nn.functional.one_hot(targets, outputs.shape[-1]).float())
+
+
+def wide_mlp(in_features: int = 32, out_features: int = 4, hidden: int = 256, depth: int = 2) -> nn.Module:
+    """A Linear-heavy MLP (nearly all of its bytes are Linear weights): export and int8 tests."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, out_features))
+
+
+class BranchOnValues(nn.Module):
+    """Python control flow on a tensor's values: torch.export cannot capture it."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.linear(x)
+        return -self.linear(x)
+
+
+def branchy(in_features: int = 8, out_features: int = 3) -> nn.Module:
+    """A model that branches on its input's values (unexportable by torch.export)."""
+    return BranchOnValues(in_features, out_features)
+
+
+class SvdHead(nn.Module):
+    """Uses an operator (SVD) that torch.export captures but ONNX has no translation for."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) @ torch.linalg.svd(self.linear.weight @ self.linear.weight.T)[0]
+
+
+def svd_model(in_features: int = 8, out_features: int = 3) -> nn.Module:
+    """A model with an operator ONNX cannot express."""
+    return SvdHead(in_features, out_features)
