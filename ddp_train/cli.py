@@ -73,9 +73,30 @@ def plot_command(argv: list[str], prog: str) -> int:
     return 0
 
 
+def convert_command(argv: list[str], prog: str) -> int:
+    """``convert``: a sharded (FSDP) checkpoint directory into a single-file checkpoint."""
+    parser = argparse.ArgumentParser(
+        prog=f"{prog} convert", description="Turn a sharded checkpoint directory (written with "
+                                            "train.strategy=fsdp) into one checkpoint file with full "
+                                            "tensors, which any strategy and world size resumes from "
+                                            "(checkpoint.resume=FILE). Runs in one process, no "
+                                            "launcher needed; it holds the whole model and optimizer "
+                                            "state in memory.")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", type=Path,
+                        help="a sharded checkpoint, e.g. runs/NAME/checkpoints/step_00000100")
+    parser.add_argument("--out", metavar="FILE", type=Path,
+                        help="the file to write (default: CHECKPOINT_DIR.pt, next to the directory)")
+    args = parser.parse_args(argv)
+    from ddp_train.sharded_checkpoint import convert_to_file  # heavy: only when converting
+
+    print(convert_to_file(args.checkpoint, args.out))
+    return 0
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[list[str], str], int], str]] = {
     "train": (train_command, "train a model (the default)"),
     "plot": (plot_command, "draw a run's metrics as PNG charts"),
+    "convert": (convert_command, "turn a sharded (FSDP) checkpoint into a single file"),
 }
 
 

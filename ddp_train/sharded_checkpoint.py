@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,9 @@ class _MetadataUnpickler(pickle.Unpickler):
         "torch.serialization": {"_get_layout"},
         "torch": {"Size"},
         "collections": {"OrderedDict"},
+        # StorageMeta records the directory written to as a path object.
+        "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+        "pathlib._local": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -246,11 +250,34 @@ def sharded_to_single_file(path: Path) -> dict[str, Any]:
         for part in route[:-1]:
             node = node.setdefault(part, {})
         node[route[-1]] = torch.empty(item.size, dtype=item.properties.dtype)
-    dcp.load(target, storage_reader=SafeReader(path), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, storage_reader=SafeReader(path), no_dist=True)
     optimizer = _merge(target.get("optimizer", {}), state.pop("optimizer_plain"))
     state["model"] = target.get("model", {})
     state["optimizer"] = optimizer_state_by_index(optimizer)
     return state
+
+
+def convert_to_file(checkpoint: Path, out: Path | None = None) -> Path:
+    """Write sharded ``checkpoint`` as one file (default: ``<checkpoint>.pt``); returns its path.
+
+    The file is written atomically and is an ordinary single-file checkpoint.
+    """
+    if not checkpoint.is_dir():
+        reason = "is a file" if checkpoint.exists() else "does not exist"
+        raise ConfigError("CHECKPOINT_DIR", f"expected a sharded checkpoint directory, got "
+                                            f"{str(checkpoint)!r} ({reason})")
+    target = out if out is not None else checkpoint.with_name(checkpoint.name + ".pt")
+    if target.is_dir():
+        raise ConfigError("--out", f"expected a file name, got the directory {str(target)!r}")
+    try:
+        state = sharded_to_single_file(checkpoint)
+    except ValueError as exc:
+        raise ConfigError("CHECKPOINT_DIR", f"checkpoint {str(checkpoint)!r} {exc}") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(state, target)
+    return target
 
 
 # ---------------------------------------------------------------------------------------
