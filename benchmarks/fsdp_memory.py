@@ -48,16 +48,14 @@ STRATEGIES = ("ddp", "fsdp")
 
 def _count_gradients(loop: TrainerLoop, into: dict[str, int]) -> None:
     """Record the gradient bytes this rank holds each time the optimizer steps."""
-    optimizer = loop.trainer.optimizer
-    step = optimizer.step
+    module = loop.trainer.module
 
-    def counting_step(*args: Any, **kwargs: Any) -> Any:
+    def count(*_: Any) -> None:
         into["gradients"] = max(into.get("gradients", 0), sum(
             local_tensor(p.grad).numel() * p.grad.element_size()
-            for p in loop.trainer.module.parameters() if p.grad is not None))
-        return step(*args, **kwargs)
+            for p in module.parameters() if p.grad is not None))
 
-    optimizer.step = counting_step  # type: ignore[method-assign]
+    loop.trainer.optimizer.register_step_pre_hook(count)
 
 
 def _rank_main(rank: int, world_size: int, steps_per_block: int, blocks: int) -> dict[str, Any]:

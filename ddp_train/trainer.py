@@ -780,7 +780,7 @@ def describe(trainer: Trainer) -> str:
     config = trainer.config
     params = sum(p.numel() for p in trainer.module.parameters())
     return (f"{config.model.name} ({params / 1e6:.3g}M parameters) on {config.data.name} | "
-            f"world size {trainer.env.world_size} on {trainer.env.device} | "
+            f"world size {trainer.env.world_size} on {trainer.env.device} ({trainer.strategy}) | "
             f"global batch {trainer.env.world_size * config.data.batch_size * config.train.grad_accum_steps} | "
             f"{trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch) | "
             f"precision {config.train.precision} | run dir {config.run_dir}")

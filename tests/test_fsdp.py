@@ -1,7 +1,8 @@
 """train.strategy=fsdp: equivalence with DDP, sharded checkpoints, exact resume, resharding, memory.
 
-The runs share two spawns (gloo, CPU): one of 2 ranks trains every 2-rank run in turn
-(Trainers share the process group), one of 1 rank resumes the 2-rank checkpoints.
+The runs share one spawn of 2 processes (gloo, CPU): they train every 2-rank run in turn
+(the Trainers share the process group), then rank 0 alone, in a 1-rank group of its own,
+resumes from the 2-rank checkpoints.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def _preempting_loss(rank: int, world_size: int) -> Callable[..., torch.Tensor]:
     return loss
 
 
-def _two_rank_runs(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
-    # One process group for all the runs: Trainers use an existing group and leave it be.
+def _all_runs(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
+    # One process group for all the 2-rank runs: Trainers use an existing group and leave it be.
     dist.init_process_group("gloo")
     results: dict[str, Any] = {}
     for model, args in (("mlp", MLP), ("gpt", GPT)):
@@ -83,6 +84,27 @@ def _two_rank_runs(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
     results["preempted"] = _fit(out_dir, stopped, _preempting_loss(rank, world_size))
     results["resumed"] = _fit(out_dir, stopped)
     dist.destroy_process_group()
+    if rank == 0:
+        # Then a job of 1 rank (a group of its own) resumes from the 2-rank checkpoint.
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        results.update(_one_rank_runs(out_dir))
+        dist.destroy_process_group()
+    return results
+
+
+def _one_rank_runs(out_dir: str) -> dict[str, Any]:
+    step_10 = Path(out_dir) / "runs" / "gpt_fsdp" / "checkpoints" / "step_00000010"
+    one_rank = [*COMMON, *GPT, "data.batch_size=8"]  # the same global batch of 16
+    results = {"resharded": _fit(out_dir, [*one_rank, "train.strategy=fsdp", "run.name=resharded",
+                                           f"checkpoint.resume={step_10}"])}
+    converted = Path(out_dir) / "step_00000010.pt"
+    assert main(["convert", str(step_10), "--out", str(converted)]) == 0
+    results["converted"] = _fit(out_dir, [*one_rank, "run.name=from_converted",
+                                          f"checkpoint.resume={converted}"])
+    # FSDP also resumes from a single file: each rank takes its shards of the full tensors.
+    results["fsdp_from_file"] = _fit(out_dir, [*one_rank, "train.strategy=fsdp",
+                                               "run.name=fsdp_from_file",
+                                               f"checkpoint.resume={converted}"])
     return results
 
 
@@ -90,7 +112,7 @@ def _two_rank_runs(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     """The run directory root and each rank's results of every 2-rank run."""
     out = tmp_path_factory.mktemp("fsdp2")
-    results = spawn_ranks(_two_rank_runs, 2, out, str(out), timeout=150)
+    results = spawn_ranks(_all_runs, 2, out, str(out), timeout=200)
     return out / "runs", results
 
 
@@ -172,35 +194,22 @@ def test_fsdp_halves_parameter_and_optimizer_memory(two_ranks: tuple[Path, list[
         assert ratio <= 0.6, (fsdp, ddp)
 
 
-def _one_rank_runs(rank: int, world_size: int, out_dir: str, runs: str) -> dict[str, Any]:
-    dist.init_process_group("gloo")
-    step_10 = Path(runs) / "gpt_fsdp" / "checkpoints" / "step_00000010"
-    one_rank = [*COMMON, *GPT, "data.batch_size=8"]  # the same global batch of 16
-    results = {"resharded": _fit(out_dir, [*one_rank, "train.strategy=fsdp", "run.name=resharded",
-                                           f"checkpoint.resume={step_10}"])[0]}
-    converted = Path(out_dir) / "step_00000010.pt"
-    assert main(["convert", str(step_10), "--out", str(converted)]) == 0
-    results["converted"] = _fit(out_dir, [*one_rank, "run.name=from_converted",
-                                          f"checkpoint.resume={converted}"])[0]
-    dist.destroy_process_group()
-    return results
-
-
 @pytest.mark.timeout(200)
 def test_resume_on_one_rank_from_two_rank_sharded_checkpoint(
-        two_ranks: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
+        two_ranks: tuple[Path, list[dict[str, Any]]]) -> None:
     """A 2-rank sharded checkpoint resumes on 1 rank (resharded), directly or converted to a file."""
-    runs, _ = two_ranks
-    (results,) = spawn_ranks(_one_rank_runs, 1, tmp_path, str(tmp_path), str(runs), timeout=150)
-    resharded, from_file = tmp_path / "runs" / "resharded", tmp_path / "runs" / "from_converted"
-    for name in ("resharded", "converted"):
-        assert results[name]["status"] == "completed" and results[name]["global_step"] == 20
-        assert results[name]["world_size"] == 1
+    runs, (results, _) = two_ranks
+    resharded, from_file = runs / "resharded", runs / "from_converted"
+    for name in ("resharded", "converted", "fsdp_from_file"):
+        summary, _ = results[name]
+        assert summary["status"] == "completed" and summary["global_step"] == 20
+        assert summary["world_size"] == 1
     # Resharded by DCP or gathered into one file: the same state, so the same model, bit for bit.
     _models_close(resharded, from_file, rtol=0, atol=0)
     # Same global batch, same data order: the uninterrupted 2-rank model, up to rounding.
-    _models_close(resharded, runs / "gpt_fsdp", atol=1e-5)
-    converted = read_checkpoint(tmp_path / "step_00000010.pt")
+    for run in (resharded, runs / "fsdp_from_file"):
+        _models_close(run, runs / "gpt_fsdp", atol=1e-5)
+    converted = read_checkpoint(runs.parent / "step_00000010.pt")
     assert converted["progress"]["global_step"] == 10 and converted["world_size"] == 2
 
 
