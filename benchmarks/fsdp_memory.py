@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from common import MID, init_process_group, machine_info, spawn_ranks, summarize
+from common import CpuWatch, MID, init_process_group, machine_info, spawn_ranks, summarize, wait_for_quiet
 from loops import TrainerLoop
 
 from ddp_train.sharding import held_bytes, local_tensor
@@ -89,15 +89,18 @@ def run(repeats: int = 2, steps_per_block: int = 8, blocks: int = 4) -> dict[str
     """Bytes per rank and step times of both strategies at world sizes 1 and 2."""
     samples: dict[str, list[float]] = {}
     memory: dict[str, list[dict[str, int]]] = {}
-    for _ in range(repeats):
-        for world_size in (1, 2):
-            for rank, result in enumerate(spawn_ranks(_rank_main, world_size, steps_per_block, blocks)):
-                for strategy in STRATEGIES:
-                    key = f"ws{world_size}_{strategy}"
-                    if rank == 0:
-                        samples.setdefault(key, []).extend(result["intervals_s"][strategy])
-                    per_rank = memory.setdefault(key, [{}] * world_size)
-                    per_rank[rank] = result["bytes"][strategy]
+    quiet = wait_for_quiet(max_load=None, max_busy=0.5, max_wait_s=120)
+    with CpuWatch() as watch:
+        for _ in range(repeats):
+            for world_size in (1, 2):
+                for rank, result in enumerate(spawn_ranks(_rank_main, world_size, steps_per_block,
+                                                          blocks)):
+                    for strategy in STRATEGIES:
+                        key = f"ws{world_size}_{strategy}"
+                        if rank == 0:
+                            samples.setdefault(key, []).extend(result["intervals_s"][strategy])
+                        per_rank = memory.setdefault(key, [{}] * world_size)
+                        per_rank[rank] = result["bytes"][strategy]
     runs: dict[str, Any] = {}
     for key, values in samples.items():
         per_rank = memory[key]
@@ -112,7 +115,7 @@ def run(repeats: int = 2, steps_per_block: int = 8, blocks: int = 4) -> dict[str
             "step_time_fsdp_over_ddp": fsdp["step_s"]["median"] / ddp["step_s"]["median"]}
     return {"machine": machine_info(), "workload": MID.describe(), "repeats": repeats,
             "steps_per_block": steps_per_block, "blocks": blocks, "runs": runs, "ratios": ratios,
-            "samples_s": samples,
+            "samples_s": samples, "conditions": {"before": quiet, "during": watch.result},
             "note": (f"gloo on {os.cpu_count()} CPU cores, one thread per rank: communication "
                      "competes with compute for the cores, so FSDP's extra collectives cost "
                      "more here than on GPUs")}
@@ -147,7 +150,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
               color=["#7f7f7f", "#d62728", "#7f7f7f", "#d62728"])
     for ws in (1, 2):
         ratio = results["ratios"][f"ws{ws}"]["step_time_fsdp_over_ddp"]
-        right.text(2 * ws - 1, medians[2 * ws - 1], f"×{ratio:.2f} of DDP", ha="center", va="bottom")
+        top = results["runs"][keys[2 * ws - 1]]["step_s"]["p75"] * 1e3  # above the error bar
+        right.text(2 * ws - 1, top, f"×{ratio:.2f} of DDP", ha="center", va="bottom")
     right.set_ylabel("ms per optimizer step (median, bars: quartiles)")
     right.set_title(f"step time, {results['workload']['name']} (gloo, CPU)")
     machine = results["machine"]

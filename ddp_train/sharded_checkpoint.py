@@ -36,6 +36,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
@@ -148,6 +149,9 @@ def optimizer_state_by_name(state: dict[str, Any], model: nn.Module,
     """The inverse of :func:`optimizer_state_by_index`, naming parameters as ``model`` does."""
     names = {id(param): name for name, param in model.named_parameters()}
     order = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+    saved = sum(len(group["params"]) for group in state["param_groups"])
+    if saved != len(order):
+        raise ValueError(f"its optimizer state has {saved} parameters, this model {len(order)}")
     groups = [{**group, "params": [order[i] for i in group["params"]]}
               for group in state["param_groups"]]
     return {"state": {order[int(i)]: value for i, value in state["state"].items()},
@@ -228,7 +232,10 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     # The fresh optimizer's tensors say what to read; its hyperparameters give way to the saved.
     optimizer_tensors, _ = _split(optimizer_state)
     target = {"model": model_state, "optimizer": optimizer_tensors}
-    dcp.load(target, storage_reader=SafeReader(path))
+    try:
+        dcp.load(target, storage_reader=SafeReader(path))
+    except CheckpointException as exc:  # a BaseException: it would escape every handler
+        raise ValueError(_first_failure(exc)) from None
     set_state_dict(model, optimizer, model_state_dict=target["model"],
                    optim_state_dict=_merge(target["optimizer"], optimizer_plain))
 
@@ -252,7 +259,10 @@ def sharded_to_single_file(path: Path) -> dict[str, Any]:
         node[route[-1]] = torch.empty(item.size, dtype=item.properties.dtype)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(target, storage_reader=SafeReader(path), no_dist=True)
+        try:
+            dcp.load(target, storage_reader=SafeReader(path), no_dist=True)
+        except CheckpointException as exc:
+            raise ValueError(f"cannot be read ({_first_failure(exc)})") from None
     optimizer = _merge(target.get("optimizer", {}), state.pop("optimizer_plain"))
     state["model"] = target.get("model", {})
     state["optimizer"] = optimizer_state_by_index(optimizer)
@@ -370,8 +380,11 @@ class ShardedCheckpointManager:
         tmp = Path(self.env.broadcast_from_main(temporary))
         model_state, optimizer_state = get_state_dict(model, optimizer)
         optimizer_tensors, optimizer_plain = _split(optimizer_state)
-        dcp.save({"model": model_state, "optimizer": optimizer_tensors},
-                 storage_writer=FileSystemWriter(tmp, sync_files=True))
+        try:
+            dcp.save({"model": model_state, "optimizer": optimizer_tensors},
+                     storage_writer=FileSystemWriter(tmp, sync_files=True))
+        except CheckpointException as exc:  # e.g. a full disk on some rank
+            raise RuntimeError(f"writing checkpoint {name} failed: {_first_failure(exc)}") from None
         # dcp.save returns after every rank's shards are written and .metadata is.
         if not self.env.is_main:
             return
@@ -401,6 +414,13 @@ class ShardedCheckpointManager:
 
     def wait(self) -> None:
         """Nothing runs in the background: saves are synchronous on every rank."""
+
+
+def _first_failure(exc: CheckpointException) -> str:
+    """One line on what went wrong on the first rank that failed."""
+    rank, (error, _) = next(iter(exc.failures.items()))
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"rank {rank}: {type(error).__name__}: {first_line[:300]}"
 
 
 def _remove(path: Path) -> None:
