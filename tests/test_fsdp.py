@@ -52,7 +52,7 @@ def _fit(out_dir: str, args: list[str], loss_fn: Callable[..., torch.Tensor] | N
     return summary, held
 
 
-def _preempting_loss(rank: int, world_size: int) -> Callable[..., torch.Tensor]:
+def _preempting_loss(rank: int) -> Callable[..., torch.Tensor]:
     """Cross entropy that sends this process SIGUSR1 during optimizer step STOP_AT - 1 on rank 1.
 
     The ranks agree on the flag one step later, so training stops after step STOP_AT.
@@ -81,7 +81,7 @@ def _all_runs(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
                                            f"run.name={name}"])
     # Stopped by a preemption signal after step 10, then resumed (auto) to 20.
     stopped = [*COMMON, *GPT, *CHECKPOINTED, "train.strategy=fsdp", "run.name=gpt_fsdp_preempted"]
-    results["preempted"] = _fit(out_dir, stopped, _preempting_loss(rank, world_size))
+    results["preempted"] = _fit(out_dir, stopped, _preempting_loss(rank))
     results["resumed"] = _fit(out_dir, stopped)
     dist.destroy_process_group()
     if rank == 0:
