@@ -161,6 +161,10 @@ class CheckpointManager:
 
     def load_path(self, path: Path) -> tuple[dict[str, Any], Path]:
         """``checkpoint.resume=PATH``: a checkpoint file, or a run/checkpoints directory."""
+        if (path / ".metadata").is_file():
+            raise ConfigError("checkpoint.resume", f"{str(path)!r} is a sharded checkpoint: resume it "
+                                                   f"with train.strategy=fsdp, or turn it into a file "
+                                                   f"with 'ddp-train convert {path}'")
         if path.is_dir():
             directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
             found = CheckpointManager(directory, self.config).load_newest()

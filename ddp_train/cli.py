@@ -157,6 +157,25 @@ def serve_command(argv: list[str], prog: str) -> int:
 
     serve(ServeOptions(args.path, args.host, args.port, args.backend, args.int8, args.max_batch,
                        args.max_body_bytes, args.threads, args.drift_window))
+
+
+def convert_command(argv: list[str], prog: str) -> int:
+    """``convert``: a sharded (FSDP) checkpoint directory into a single-file checkpoint."""
+    parser = argparse.ArgumentParser(
+        prog=f"{prog} convert", description="Turn a sharded checkpoint directory (written with "
+                                            "train.strategy=fsdp) into one checkpoint file with full "
+                                            "tensors, which any strategy and world size resumes from "
+                                            "(checkpoint.resume=FILE). Runs in one process, no "
+                                            "launcher needed; it holds the whole model and optimizer "
+                                            "state in memory.")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", type=Path,
+                        help="a sharded checkpoint, e.g. runs/NAME/checkpoints/step_00000100")
+    parser.add_argument("--out", metavar="FILE", type=Path,
+                        help="the file to write (default: CHECKPOINT_DIR.pt, next to the directory)")
+    args = parser.parse_args(argv)
+    from ddp_train.sharded_checkpoint import convert_to_file  # heavy: only when converting
+
+    print(convert_to_file(args.checkpoint, args.out))
     return 0
 
 
@@ -168,6 +187,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[list[str], str], int], str]] = {
     "cv": (cv_command, "k-fold cross-validation, one training run per fold"),
     "export": (export_command, "export a run's model to ONNX, torch.export and TorchScript"),
     "serve": (serve_command, "serve an exported model over HTTP with Prometheus metrics"),
+    "convert": (convert_command, "turn a sharded (FSDP) checkpoint into a single file"),
 }
 
 

@@ -139,6 +139,20 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """Fully sharded data parallel (train.strategy=fsdp): how the model is sharded."""
+
+    shard_modules: list[str] = field(default_factory=list)
+    """Module class names sharded as units (then the root); empty: GPT blocks, else every direct child with parameters."""
+    reshard_after_forward: bool = True
+    """Free gathered parameters after each unit's forward (less memory, one more all-gather in backward)."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer state in CPU memory (for models larger than the GPUs)."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """With train.precision=bf16: dtype gradients are reduce-scattered in (fp32 keeps the reduction exact)."""
+
+
+@dataclass
 class LoopConfig:
     """The training loop (the `train` section)."""
 
@@ -155,7 +169,9 @@ class LoopConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """fp32; bf16 autocast; fp16 autocast with a gradient scaler (CUDA only)."""
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    """auto = ddp when world size > 1, none otherwise; ddp; fsdp (not available yet)."""
+    """auto = ddp when world size > 1, none otherwise; ddp; fsdp (sharded parameters, gradients and optimizer state)."""
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    """FSDP sharding (train.strategy=fsdp only)."""
     compile: bool = False
     """Compile the model with torch.compile."""
     nonfinite: Literal["stop", "skip"] = "stop"
@@ -316,8 +332,7 @@ class TrainConfig:
         for key in ("clip_grad_norm", "clip_grad_value"):
             value = getattr(self.train, key)
             _check(value is None or value > 0, f"train.{key}", "null or a number > 0", value)
-        _check(self.train.strategy != "fsdp", "train.strategy",
-               "auto or ddp (fsdp is not available in this version)", self.train.strategy)
+        self._validate_fsdp()
         stopping = self.train.early_stopping
         _check(stopping.metric.startswith("val/"), "train.early_stopping.metric",
                "a validation metric such as 'val/loss' or 'val/accuracy'", stopping.metric)
@@ -352,6 +367,26 @@ class TrainConfig:
                self.dist.timeout_s)
         _check(self.dist.bucket_cap_mb > 0, "dist.bucket_cap_mb", "a number > 0",
                self.dist.bucket_cap_mb)
+
+    def _validate_fsdp(self) -> None:
+        """Rules of train.strategy=fsdp: what FSDP cannot combine with, said up front."""
+        for i, name in enumerate(self.train.fsdp.shard_modules):
+            _check(name.isidentifier(), f"train.fsdp.shard_modules[{i}]",
+                   "a module class name such as 'GPTBlock'", name)
+        if self.train.strategy != "fsdp":
+            return
+        # GradScaler's overflow check sees only this rank's gradient shards, so ranks
+        # could disagree on skipping a step.
+        _check(self.train.precision != "fp16", "train.precision",
+               "fp32 or bf16 with train.strategy=fsdp (fp16's gradient scaler does not "
+               "agree on overflows across shards)", self.train.precision)
+        # A parametrized weight is computed from its parts, which FSDP would shard apart.
+        _check(self.model.norm == "none", "model.norm",
+               "none with train.strategy=fsdp (weight/spectral norm parametrizations cannot "
+               "be sharded)", self.model.norm)
+        _check(not self.checkpoint.async_save, "checkpoint.async_save",
+               "false with train.strategy=fsdp (every rank already writes its own shard "
+               "in parallel)", self.checkpoint.async_save)
 
     @property
     def run_dir(self) -> Path:

@@ -7,14 +7,23 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 log = logging.getLogger("ddp_train")
 
 
 def layer_grad_norms(module: nn.Module) -> dict[str, float]:
-    """``grad_norm/<parameter name>`` for every parameter that has a gradient."""
-    return {f"grad_norm/{name}": param.grad.detach().norm().item()
-            for name, param in module.named_parameters() if param.grad is not None}
+    """``grad_norm/<parameter name>`` for every parameter that has a gradient.
+
+    A sharded (FSDP) gradient's norm is reduced over its shards: a collective, so every
+    rank calls this on the same steps.
+    """
+    norms = {}
+    for name, param in module.named_parameters():
+        if param.grad is not None:
+            norm = param.grad.detach().norm()
+            norms[f"grad_norm/{name}"] = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+    return norms
 
 
 class ActivationStats:

@@ -15,10 +15,9 @@ import math
 import os
 import platform
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +45,10 @@ from ddp_train.preemption import PreemptionWatch
 from ddp_train.profiling import StepProfiler
 from ddp_train.rng import capture_rng, restore_rng, seed_everything
 from ddp_train.run_dir import RunDirectory
+from ddp_train.sharded_checkpoint import (ShardedCheckpointManager, full_optimizer_state_dict,
+                                          load_full_state, load_sharded, read_any)
+from ddp_train.sharding import (apply_fsdp, even_batches, full_model_state_dict, global_grad_norm,
+                                gradient_sync, resolve_strategy)
 from ddp_train.system_metrics import SystemMonitor, peak_flops, training_flops_per_sample
 
 log = logging.getLogger("ddp_train")
@@ -101,7 +104,7 @@ def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any], path: s
 
 
 class Trainer:
-    """Trains one model with DDP (or a single process) as a TrainConfig describes.
+    """Trains one model with DDP, FSDP (or a single process) as a TrainConfig describes.
 
     Library use: pass your own ``model``, ``train_dataset``/``val_dataset`` and ``loss_fn``;
     what you do not pass is built from the config's registries. The process group is taken
@@ -124,7 +127,7 @@ class Trainer:
             require_tensorboard()  # before any rank waits on another
         strategy = config.train.strategy
         self.env = DistEnv.setup(config.dist, config.run.device,
-                                 force_process_group=strategy == "ddp")
+                                 force_process_group=strategy in ("ddp", "fsdp"))
         try:
             self._build(config, model, model_factory, train_dataset, val_dataset, data_factory,
                         loss_fn is None, sinks)
@@ -159,14 +162,17 @@ class Trainer:
         apply_norm(model, config.model.norm)
         self.module: nn.Module = model.to(device)
 
-        # Wrap: DDP when asked for or when there is more than one rank.
-        strategy = config.train.strategy
+        # Wrap: DDP when asked for or when there is more than one rank; FSDP when asked for
+        # (it shards self.module in place: its parameters become this rank's shards).
+        self.strategy = resolve_strategy(config.train.strategy, env.world_size)
         self.ddp: DistributedDataParallel | None = None
-        if strategy == "ddp" or (strategy == "auto" and env.world_size > 1):
+        if self.strategy == "ddp":
             self.ddp = DistributedDataParallel(
                 self.module, device_ids=[device.index] if device.type == "cuda" else None,
                 bucket_cap_mb=config.dist.bucket_cap_mb,
                 find_unused_parameters=config.dist.find_unused_parameters)
+        elif self.strategy == "fsdp":
+            apply_fsdp(self.module, config.train.fsdp, config.train.precision, device)
         wrapped: nn.Module = self.ddp if self.ddp is not None else self.module
         self.model: nn.Module = torch.compile(wrapped) if config.train.compile else wrapped
 
@@ -213,7 +219,9 @@ class Trainer:
         self._micro_since = [0, 0]
 
         # Resume (every rank loads the checkpoint rank 0 chose), then the outputs.
-        self.checkpoints = CheckpointManager(config.run_dir / "checkpoints", config.checkpoint)
+        self.checkpoints: CheckpointManager | ShardedCheckpointManager = (
+            ShardedCheckpointManager(config.run_dir / "checkpoints", config.checkpoint, env)
+            if self.strategy == "fsdp" else CheckpointManager(config.run_dir / "checkpoints", config.checkpoint))
         resumed = self._resume()
         self.run_dir = RunDirectory(config.run_dir)
         self.sinks: list[MetricSink] = list(sinks)
@@ -257,15 +265,24 @@ class Trainer:
         """The full training state; a collective (call on every rank), complete on rank 0.
 
         Per-rank parts (RNG streams, unlogged loss sums) are gathered from every rank;
-        other ranks get an empty dict.
+        other ranks get an empty dict. Under FSDP the shards are gathered into full tensors.
         """
+        if self.strategy == "fsdp":
+            model, optimizer = (full_model_state_dict(self.module),
+                                full_optimizer_state_dict(self.module, self.optimizer))
+        else:
+            model, optimizer = self.module.state_dict(), self.optimizer.state_dict()
+        state = self._trainer_state()
+        return {**state, "model": model, "optimizer": optimizer} if state else {}
+
+    def _trainer_state(self) -> dict[str, Any]:
+        """Everything but the model and optimizer tensors; a collective, complete on rank 0."""
         per_rank = {"rng": capture_rng(self.env.device), "loss_sums": self._loss_sums.cpu(),
                     "micro_since": list(self._micro_since)}
         ranks = self.env.gather_to_main(per_rank)
         if not self.env.is_main:
             return {}
-        return {"format_version": FORMAT_VERSION, "model": self.module.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        return {"format_version": FORMAT_VERSION, "scheduler": self.scheduler.state_dict(),
                 "precision": self.precision.state_dict(),
                 "early_stopping": self.early_stopping.state_dict(),
                 "progress": dataclasses.asdict(self.progress),
@@ -274,9 +291,18 @@ class Trainer:
                 "config": config_to_dict(self.config)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` as if never interrupted (same data order and RNG streams)."""
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from ``state`` as if never interrupted (same data order and RNG streams).
+
+        ``state`` is a single-file checkpoint's, or a sharded checkpoint's trainer state
+        (with its ``path``), whose tensors every rank then reads from its directory.
+        """
+        if "path" in state:
+            load_sharded(Path(state["path"]), self.module, self.optimizer, state["optimizer_plain"])
+        elif self.strategy == "fsdp":
+            load_full_state(self.module, self.optimizer, state["model"], state["optimizer"])
+        else:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state["precision"])
         self.early_stopping.load_state_dict(state["early_stopping"])
@@ -318,7 +344,7 @@ class Trainer:
             state = found[0]
         else:
             try:
-                state = read_checkpoint(Path(path))
+                state = read_any(Path(path)) if self.strategy == "fsdp" else read_checkpoint(Path(path))
             except ValueError as exc:
                 raise TrainingFailed(f"rank {self.env.rank} cannot read checkpoint {path} that "
                                      f"rank 0 chose: it {exc} (is the run directory shared?)",
@@ -527,8 +553,7 @@ class Trainer:
             inputs, targets = to_device(next(batches), self.env.device)
             # Only the last micro-batch all-reduces; no_sync must cover both the forward
             # and the backward pass to suppress DDP's reducer.
-            syncing = micro == accum - 1 or self.ddp is None
-            with nullcontext() if syncing else self.ddp.no_sync():  # type: ignore[union-attr]
+            with self._gradient_sync(micro == accum - 1):
                 with self.precision.autocast():
                     loss = self.loss_fn(self.model(inputs), targets)
                 # The mean over micro-batches; no extra autograd node when there is one.
@@ -541,7 +566,7 @@ class Trainer:
             self._tokens_per_sample = _tokens_per_sample(inputs, self.task)
         self.precision.unscale_(self.optimizer)
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads)
+        grad_norm = global_grad_norm(grads)
         if self._capture and self.config.debug.layer_grad_norms:
             self._layer_norms = layer_grad_norms(self.module)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -556,6 +581,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return grad_norm, lr
+
+    def _gradient_sync(self, enabled: bool) -> ContextManager[Any]:
+        """A context for one micro-batch's forward and backward: reduce gradients or not."""
+        if self.ddp is not None and not enabled:
+            return self.ddp.no_sync()
+        return gradient_sync(self.module, enabled)
 
     def _step_is_finite(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """Whether this step may update the weights; the same answer on every rank.
@@ -603,6 +634,11 @@ class Trainer:
                 or (epoch_end and every_epochs > 0 and self.progress.epochs_completed % every_epochs == 0))
 
     def _save_checkpoint(self, periodic: bool, best: bool) -> None:
+        if isinstance(self.checkpoints, ShardedCheckpointManager):
+            # Every rank writes its own shards; rank 0 adds the rest.
+            self.checkpoints.save(self.module, self.optimizer, self._trainer_state(),
+                                  self.progress.global_step, periodic=periodic, best=best)
+            return
         state = self.state_dict()  # a collective: every rank takes part
         if self.env.is_main:
             self.checkpoints.save(state, self.progress.global_step, periodic=periodic, best=best)
@@ -613,7 +649,7 @@ class Trainer:
         if train.clip_grad_value is not None:
             torch.nn.utils.clip_grad_value_(self.module.parameters(), train.clip_grad_value)
             if train.clip_grad_norm is not None:  # the values changed: measure again
-                grad_norm = torch.nn.utils.get_total_norm(grads)
+                grad_norm = global_grad_norm(grads)
         if train.clip_grad_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), train.clip_grad_norm, grad_norm)
 
@@ -655,19 +691,24 @@ class Trainer:
         """Validation metrics over the whole validation set, each sample counted once.
 
         Runs the unwrapped module (no DDP collectives in forward, so ranks may hold
-        shards of different sizes) and reduces sums, not means, across ranks.
+        shards of different sizes; under FSDP short shards repeat a batch that is not
+        counted) and reduces sums, not means, across ranks.
         """
         if self.val_loader is None:
             return {}
         was_training = self.module.training
         self.module.eval()
         accumulator = MetricAccumulator(self.task, self.env.device)
-        for batch in self.val_loader:
+        # A sharded model's forward is a collective: every rank runs as many batches.
+        batches = (even_batches(self.val_loader, self.env) if self.strategy == "fsdp"
+                   else ((batch, True) for batch in self.val_loader))
+        for batch, counts in batches:
             inputs, targets = to_device(batch, self.env.device)
             with self.precision.autocast():
                 outputs = self.module(inputs)
                 loss = self.loss_fn(outputs, targets)
-            accumulator.update(outputs.float(), targets, loss.float())
+            if counts:
+                accumulator.update(outputs.float(), targets, loss.float())
         self.module.train(was_training)
         return accumulator.compute(self.env.all_reduce_sum)
 
@@ -679,7 +720,11 @@ class Trainer:
             sink.log(record)
 
     def _write_model(self) -> None:
-        if self.env.is_main:
+        if self.strategy == "fsdp":
+            state = full_model_state_dict(self.module)  # a collective: every rank takes part
+            if self.env.is_main:
+                self.run_dir.write_model(state)
+        elif self.env.is_main:
             self.run_dir.write_model(plain_state_dict(self.module))
 
     def _summary(self, status: str) -> dict[str, Any]:
@@ -731,7 +776,7 @@ def describe(trainer: Trainer) -> str:
     config = trainer.config
     params = sum(p.numel() for p in trainer.module.parameters())
     return (f"{config.model.name} ({params / 1e6:.3g}M parameters) on {config.data.name} | "
-            f"world size {trainer.env.world_size} on {trainer.env.device} | "
+            f"world size {trainer.env.world_size} on {trainer.env.device} ({trainer.strategy}) | "
             f"global batch {trainer.env.world_size * config.data.batch_size * config.train.grad_accum_steps} | "
             f"{trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch) | "
             f"precision {config.train.precision} | run dir {config.run_dir}")

@@ -1,0 +1,452 @@
+"""Sharded checkpoints (``train.strategy=fsdp``): one directory per checkpoint, written by every rank.
+
+Layout of ``<run_dir>/checkpoints/step_00000120/`` (``best_00000080/`` for the best one)::
+
+    .metadata        which file holds which slice of which tensor (torch.distributed.checkpoint)
+    __0_0.distcp     rank 0's shards of the model and optimizer tensors
+    __1_0.distcp     rank 1's shards, ...
+    trainer.pt       everything else, written by rank 0 last: progress, schedule, sampler,
+                     early stopping, the RNG streams of every rank, optimizer hyperparameters
+
+Every rank writes its own shards in parallel into a hidden temporary directory; once all
+have finished (DCP collects every rank's write results before writing ``.metadata``),
+rank 0 adds ``trainer.pt``, fsyncs and renames the directory to its final name, so a
+checkpoint is complete or invisible. Loading reshards: a checkpoint written by N ranks
+loads into M ranks (M = 1 included), since ``.metadata`` maps each tensor's slices to
+files. Only tensors live in the DCP files and ``.metadata`` is read with an allowlist of
+types, so, as for single-file checkpoints, loading never runs code from the files.
+
+Single-file checkpoints (``step_00000120.pt``, written by DDP or single-process runs, or
+by ``ddp-train convert``) are listed and loaded alongside.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict, set_state_dict)
+
+from ddp_train.checkpoint import (FORMAT_VERSION, REQUIRED_KEYS, CheckpointFile, CheckpointManager,
+                                  _fsync_directory, _write_atomically, read_checkpoint)
+from ddp_train.config import CheckpointConfig
+from ddp_train.distributed import DistEnv
+from ddp_train.errors import ConfigError
+
+log = logging.getLogger("ddp_train")
+
+TRAINER_STATE = "trainer.pt"
+"""The file of a sharded checkpoint that holds everything but the model and optimizer tensors."""
+SHARDED_KEYS = tuple(k for k in REQUIRED_KEYS if k not in ("model", "optimizer")) + ("optimizer_plain",)
+_DIR_NAME = re.compile(r"^(step|best)_(\d{8})$")
+
+
+# ---------------------------------------------------------------------------------------
+# Reading .metadata without running code from it.
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata``, refusing every global but the types it is made of."""
+
+    _ALLOWED = {
+        "torch.distributed.checkpoint.metadata": {
+            "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+            "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},
+        "torch": {"Size"},
+        "collections": {"OrderedDict"},
+        # StorageMeta records the directory written to as a path object.
+        "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+        "pathlib._local": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in self._ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file reader with ``.metadata`` unpickled through an allowlist."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
+        path = Path(self.path) / ".metadata"
+        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise pickle.UnpicklingError("checkpoint metadata is not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# ---------------------------------------------------------------------------------------
+# Tensors go to DCP's files, everything else to trainer.pt.
+
+
+def _split(tree: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(tensors, rest)``: the nested dict's tensor leaves and its other leaves, same paths."""
+    tensors: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            inner_tensors, inner_rest = _split(value)
+            tensors[key], rest[key] = inner_tensors, inner_rest
+        elif isinstance(value, torch.Tensor):
+            tensors[key] = value
+        else:
+            rest[key] = value
+    return tensors, rest
+
+
+def _merge(tensors: dict[str, Any], rest: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`_split`."""
+    merged = dict(rest)
+    for key, value in tensors.items():
+        merged[key] = _merge(value, rest.get(key, {})) if isinstance(value, dict) else value
+    return merged
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizer state: by parameter name (DCP, FSDP) or by position (optimizer.state_dict()).
+
+
+def optimizer_state_by_index(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name turned into ``optimizer.state_dict()``'s form.
+
+    Parameters are numbered in the order the param groups list them, as torch does.
+    """
+    index: dict[str, int] = {}
+    groups = []
+    for group in state["param_groups"]:
+        numbers = [index.setdefault(name, len(index)) for name in group["params"]]
+        groups.append({**group, "params": numbers})
+    return {"state": {index[name]: value for name, value in state["state"].items()},
+            "param_groups": groups}
+
+
+def optimizer_state_by_name(state: dict[str, Any], model: nn.Module,
+                            optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The inverse of :func:`optimizer_state_by_index`, naming parameters as ``model`` does."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    order = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+    saved = sum(len(group["params"]) for group in state["param_groups"])
+    if saved != len(order):
+        raise ValueError(f"its optimizer state has {saved} parameters, this model {len(order)}")
+    groups = [{**group, "params": [order[i] for i in group["params"]]}
+              for group in state["param_groups"]]
+    return {"state": {order[int(i)]: value for i, value in state["state"].items()},
+            "param_groups": groups}
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The whole optimizer state in ``optimizer.state_dict()``'s form on rank 0 (a collective)."""
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+    return optimizer_state_by_index(state) if state else {}
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
+                    optimizer_state: dict[str, Any]) -> None:
+    """Load a single-file checkpoint's full model and optimizer state into a sharded model.
+
+    Every rank passes the full state; each keeps its own shards.
+    """
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(optimizer_state, model, optimizer),
+                             options=StateDictOptions(full_state_dict=True))
+
+
+# ---------------------------------------------------------------------------------------
+# One sharded checkpoint.
+
+
+def _check_trainer_state(state: Any) -> dict[str, Any]:
+    if not isinstance(state, dict) or any(key not in state for key in SHARDED_KEYS):
+        raise ValueError(f"is not a ddp_train sharded checkpoint ({TRAINER_STATE} keys missing)")
+    if state["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"has format version {state['format_version']}, expected {FORMAT_VERSION}")
+    return state
+
+
+def read_sharded(path: Path) -> dict[str, Any]:
+    """Check a sharded checkpoint directory; its trainer state (plus ``path``) or ValueError.
+
+    Every file ``.metadata`` names must exist and be long enough, so a checkpoint with a
+    lost or truncated shard is refused before any rank starts loading it.
+    """
+    try:
+        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # missing, truncated, not a torch file, unsafe pickle...
+        raise ValueError(f"has no loadable {TRAINER_STATE} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]})") from None
+    state = _check_trainer_state(state)
+    try:
+        metadata = SafeReader(path).read_metadata()
+    except Exception as exc:
+        raise ValueError(f"has no loadable .metadata ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]})") from None
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        if isinstance(info, dcp_filesystem._StorageInfo):
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file() or file.stat().st_size < size:
+            raise ValueError(f"is missing data: shard file {name} is "
+                             f"{'absent' if not file.is_file() else 'truncated'}")
+    return {**state, "path": str(path)}
+
+
+def read_any(path: Path) -> dict[str, Any]:
+    """A checkpoint of either kind: a sharded directory's trainer state, or a whole file."""
+    return read_sharded(path) if path.is_dir() else read_checkpoint(path)
+
+
+def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 optimizer_plain: dict[str, Any]) -> None:
+    """Load the model and optimizer tensors of a sharded checkpoint (a collective).
+
+    The current model's sharding (any world size, or none) decides what each rank reads.
+    """
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    # The fresh optimizer's tensors say what to read; its hyperparameters give way to the saved.
+    optimizer_tensors, _ = _split(optimizer_state)
+    target = {"model": model_state, "optimizer": optimizer_tensors}
+    try:
+        dcp.load(target, storage_reader=SafeReader(path))
+    except CheckpointException as exc:  # a BaseException: it would escape every handler
+        raise ValueError(_first_failure(exc)) from None
+    set_state_dict(model, optimizer, model_state_dict=target["model"],
+                   optim_state_dict=_merge(target["optimizer"], optimizer_plain))
+
+
+def sharded_to_single_file(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint as one single-file checkpoint's state (full tensors, on CPU).
+
+    Reads every shard in this process, without a process group.
+    """
+    state = read_sharded(path)
+    state.pop("path")
+    metadata = SafeReader(path).read_metadata()
+    target: dict[str, Any] = {}
+    for key, item in metadata.state_dict_metadata.items():
+        if not isinstance(item, dcp_metadata.TensorStorageMetadata):
+            continue  # only tensors are read: other entries could hold pickled code
+        node = target
+        route = metadata.planner_data[key]
+        for part in route[:-1]:
+            node = node.setdefault(part, {})
+        node[route[-1]] = torch.empty(item.size, dtype=item.properties.dtype)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load(target, storage_reader=SafeReader(path), no_dist=True)
+        except CheckpointException as exc:
+            raise ValueError(f"cannot be read ({_first_failure(exc)})") from None
+    optimizer = _merge(target.get("optimizer", {}), state.pop("optimizer_plain"))
+    state["model"] = target.get("model", {})
+    state["optimizer"] = optimizer_state_by_index(optimizer)
+    return state
+
+
+def convert_to_file(checkpoint: Path, out: Path | None = None) -> Path:
+    """Write sharded ``checkpoint`` as one file (default: ``<checkpoint>.pt``); returns its path.
+
+    The file is written atomically and is an ordinary single-file checkpoint.
+    """
+    if not checkpoint.is_dir():
+        reason = "is a file" if checkpoint.exists() else "does not exist"
+        raise ConfigError("CHECKPOINT_DIR", f"expected a sharded checkpoint directory, got "
+                                            f"{str(checkpoint)!r} ({reason})")
+    target = out if out is not None else checkpoint.with_name(checkpoint.name + ".pt")
+    if target.is_dir():
+        raise ConfigError("--out", f"expected a file name, got the directory {str(target)!r}")
+    try:
+        state = sharded_to_single_file(checkpoint)
+    except ValueError as exc:
+        raise ConfigError("CHECKPOINT_DIR", f"checkpoint {str(checkpoint)!r} {exc}") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(state, target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------
+# The checkpoints of a run.
+
+
+class ShardedCheckpointManager:
+    """Saves (every rank), rotates, finds and loads the checkpoints of a sharded run.
+
+    Lists sharded directories and single-file checkpoints together, by step; the same
+    completeness, rotation and best rules as :class:`~ddp_train.checkpoint.CheckpointManager`.
+    """
+
+    def __init__(self, directory: Path, config: CheckpointConfig, env: DistEnv) -> None:
+        self.directory = directory
+        self.config = config
+        self.env = env
+        self._files = CheckpointManager(directory, config)
+
+    # -- finding (rank 0) -------------------------------------------------------------
+
+    def list(self) -> list[CheckpointFile]:
+        """Complete checkpoints of both kinds, oldest first; temporaries are never listed."""
+        found = self._files.list()
+        if self.directory.is_dir():
+            for path in self.directory.iterdir():
+                match = _DIR_NAME.match(path.name)
+                if match and path.is_dir():
+                    found.append(CheckpointFile(path, int(match.group(2)), match.group(1)))
+        return sorted(found, key=lambda c: (c.step, c.kind == "step", c.path.is_dir()))
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete what a killed save left behind (rank 0, at start)."""
+        if self.directory.is_dir():
+            for path in self.directory.glob(".*.tmp-*"):
+                log.warning("removing %s, left by a save that did not finish", path)
+                _remove(path)
+
+    def remove_all(self) -> None:
+        """Delete every checkpoint (``resume=never`` starts the run over)."""
+        old = self.list()
+        if old:
+            log.warning("checkpoint.resume=never: removing %d checkpoint(s) of an earlier run in %s",
+                        len(old), self.directory)
+        for checkpoint in old:
+            _remove(checkpoint.path)
+
+    def load_newest(self) -> tuple[dict[str, Any], Path] | None:
+        """The newest checkpoint that checks out; a broken one is named in a warning and skipped."""
+        for checkpoint in reversed(self.list()):
+            try:
+                return read_any(checkpoint.path), checkpoint.path
+            except ValueError as exc:
+                log.warning("skipping checkpoint %s: it %s; trying the previous one",
+                            checkpoint.path, exc)
+        return None
+
+    def load_path(self, path: Path) -> tuple[dict[str, Any], Path]:
+        """``checkpoint.resume=PATH``: a checkpoint (directory or file), or a run/checkpoints directory."""
+        if path.is_dir() and not _DIR_NAME.match(path.name) and not (path / TRAINER_STATE).exists():
+            directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+            found = ShardedCheckpointManager(directory, self.config, self.env).load_newest()
+            if found is None:
+                raise ConfigError("checkpoint.resume", f"expected a checkpoint, but {str(path)!r} "
+                                                       f"holds no complete checkpoint")
+            return found
+        if not path.exists():
+            raise ConfigError("checkpoint.resume", f"expected auto, never or an existing "
+                                                   f"checkpoint, got {str(path)!r} (does not exist)")
+        try:
+            return read_any(path), path
+        except ValueError as exc:
+            raise ConfigError("checkpoint.resume", f"checkpoint {str(path)!r} {exc}") from None
+
+    # -- saving (every rank) ----------------------------------------------------------
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+             trainer_state: dict[str, Any], step: int, periodic: bool, best: bool) -> None:
+        """Write the checkpoint of ``step`` as periodic and/or best, then rotate (a collective).
+
+        ``trainer_state`` matters on rank 0 only (the other ranks pass ``{}``).
+        """
+        name = f"{'step' if periodic else 'best'}_{step:08d}"
+        temporary: str | None = None
+        if self.env.is_main:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            temporary = str(self.directory / f".{name}.tmp-{os.getpid()}")
+            _remove(Path(temporary))
+        # Rank 0 names the directory every rank writes into (and has made sure it is fresh).
+        tmp = Path(self.env.broadcast_from_main(temporary))
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        optimizer_tensors, optimizer_plain = _split(optimizer_state)
+        try:
+            dcp.save({"model": model_state, "optimizer": optimizer_tensors},
+                     storage_writer=FileSystemWriter(tmp, sync_files=True))
+        except CheckpointException as exc:  # e.g. a full disk on some rank
+            raise RuntimeError(f"writing checkpoint {name} failed: {_first_failure(exc)}") from None
+        # dcp.save returns after every rank's shards are written and .metadata is.
+        if not self.env.is_main:
+            return
+        _write_atomically({**trainer_state, "optimizer_plain": optimizer_plain}, tmp / TRAINER_STATE)
+        _fsync_directory(tmp)
+        first = self.directory / name
+        _publish(tmp, first)
+        if periodic and best:
+            # The same files under the second name: hard links instead of a second write.
+            second = self.directory / f"best_{step:08d}"
+            linked = self.directory / f".{second.name}.tmp-{os.getpid()}"
+            _remove(linked)
+            shutil.copytree(first, linked, copy_function=_link_or_copy)
+            _publish(linked, second)
+        self._rotate(best)
+
+    def _rotate(self, new_best: bool) -> None:
+        """Keep the newest ``keep_last`` periodic checkpoints and, after a new best, only it."""
+        checkpoints = self.list()
+        periodic = [c for c in checkpoints if c.kind == "step"]
+        for old in periodic[:-self.config.keep_last]:
+            _remove(old.path)
+        if new_best:
+            bests = [c for c in checkpoints if c.kind == "best"]
+            for old in bests[:-1]:
+                _remove(old.path)
+
+    def wait(self) -> None:
+        """Nothing runs in the background: saves are synchronous on every rank."""
+
+
+def _first_failure(exc: CheckpointException) -> str:
+    """One line on what went wrong on the first rank that failed."""
+    rank, (error, _) = next(iter(exc.failures.items()))
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"rank {rank}: {type(error).__name__}: {first_line[:300]}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, destination)
+
+
+def _publish(temporary: Path, final: Path) -> None:
+    """Rename a finished temporary directory to its final name (replacing an older one)."""
+    if final.exists():
+        # A directory cannot be renamed over a non-empty one: move the old one aside first.
+        # Between the two renames neither is listed; a crash there loses only this step.
+        aside = final.with_name(f".{final.name}.tmp-old-{os.getpid()}")
+        _remove(aside)
+        os.rename(final, aside)
+        os.rename(temporary, final)
+        _remove(aside)
+    else:
+        os.rename(temporary, final)
+    _fsync_directory(final.parent)
