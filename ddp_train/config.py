@@ -274,6 +274,8 @@ class DistConfig:
     """DDP gradient bucket size in MiB."""
     find_unused_parameters: bool = False
     """DDP: allow parameters that get no gradient in some steps (costs a graph traversal)."""
+    preemption_sync_s: float = 0.2
+    """Seconds between the ranks' checks for a preemption signal (0: after every step)."""
 
 
 @dataclass
@@ -367,6 +369,8 @@ class TrainConfig:
                self.dist.timeout_s)
         _check(self.dist.bucket_cap_mb > 0, "dist.bucket_cap_mb", "a number > 0",
                self.dist.bucket_cap_mb)
+        _check(0 <= self.dist.preemption_sync_s <= 60, "dist.preemption_sync_s",
+               "a number of seconds from 0 to 60", self.dist.preemption_sync_s)
 
     def _validate_fsdp(self) -> None:
         """Rules of train.strategy=fsdp: what FSDP cannot combine with, said up front."""

@@ -7,9 +7,9 @@ all-reduce (MAX) of the flag.
 
 That collective must not cost a step anything. It is started asynchronously at one
 agreement point and read at the next, and agreement points are ``interval`` optimizer
-steps apart, with ``interval`` chosen so that they come about every
-``AGREE_EVERY_S`` seconds: a tiny model stepping in a millisecond agrees every few hundred
-steps, a large one every step. The interval is itself agreed in the same all-reduce (the
+steps apart, with ``interval`` chosen so that they come about every ``sync_s`` seconds
+(``dist.preemption_sync_s``, 0.2 by default): a tiny model stepping in a millisecond
+agrees every few hundred steps, a large one every step; 0 agrees after every step. The interval is itself agreed in the same all-reduce (the
 smallest proposal wins, sent negated so that MAX serves both), so every rank always agrees
 at the same step. A signal is acted on within two intervals: well under a second, far
 inside the grace period of SLURM (``--signal=...@180``) and of torchrun (30 s).
@@ -32,8 +32,6 @@ from ddp_train.distributed import DistEnv
 log = logging.getLogger("ddp_train")
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-AGREE_EVERY_S = 0.2
-"""Target time between two agreement points."""
 MAX_INTERVAL = 1000
 """Most optimizer steps between two agreement points (bounds the wait if steps slow down)."""
 
@@ -41,8 +39,9 @@ MAX_INTERVAL = 1000
 class PreemptionWatch:
     """Catches the preemption signals while training and tells when all ranks agree to stop."""
 
-    def __init__(self, env: DistEnv) -> None:
+    def __init__(self, env: DistEnv, sync_s: float = 0.2) -> None:
         self.env = env
+        self.sync_s = sync_s
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
         self._buffer = torch.zeros(2, dtype=torch.float64, device=env.device)
@@ -86,10 +85,10 @@ class PreemptionWatch:
             flag, negated_interval = self._buffer.tolist()
             stop, self.interval = flag > 0, int(-negated_interval)
         now = time.perf_counter()
-        # Steps that fit in AGREE_EVERY_S at this rank's recent pace (validation and
-        # checkpoints included, which only makes the interval shorter).
+        # Steps that fit in sync_s at this rank's recent pace (validation and checkpoints
+        # included, which only makes the interval shorter).
         pace = (now - self._since) / self._steps_since
-        proposal = max(1, min(MAX_INTERVAL, int(AGREE_EVERY_S / max(pace, 1e-9))))
+        proposal = max(1, min(MAX_INTERVAL, int(self.sync_s / max(pace, 1e-9))))
         self._buffer = torch.tensor([1.0 if requested else 0.0, -float(proposal)],
                                     dtype=torch.float64, device=self.env.device)
         self._work = dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX, async_op=True)

@@ -79,8 +79,8 @@ def _tokens_per_sample(inputs: Any, task: str) -> int:
 
 
 # Keys that may differ between a checkpoint's run and the resumed one without a warning.
-_RESUME_FREE_KEYS = ("run.", "checkpoint.", "logging.", "dist.timeout_s", "train.max_steps",
-                     "train.epochs", "train.compile", "eval.")
+_RESUME_FREE_KEYS = ("run.", "checkpoint.", "logging.", "dist.timeout_s", "dist.preemption_sync_s",
+                     "train.max_steps", "train.epochs", "train.compile", "eval.")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -384,7 +384,7 @@ class Trainer:
         # The handlers stay installed until summary.json is written: a signal that comes
         # after the last step (while model.pt is written) must not kill the process with
         # neither file on disk; the run then simply completes.
-        with PreemptionWatch(self.env) as preemption:
+        with PreemptionWatch(self.env, self.config.dist.preemption_sync_s) as preemption:
             try:
                 try:
                     if self.profiler is not None:

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import clean_env, free_port, load_model, read_summary, run_cli
+from conftest import clean_env, free_port, load_model, read_summary, require_modules, run_cli
 from ddp_train.cli import main
 from ddp_train.config import config_to_yaml, load_config
 

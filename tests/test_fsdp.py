@@ -80,7 +80,9 @@ def _all_runs(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
             results[name] = _fit(out_dir, [*COMMON, *args, *saves, f"train.strategy={strategy}",
                                            f"run.name={name}"])
     # Stopped by a preemption signal after step 10, then resumed (auto) to 20.
-    stopped = [*COMMON, *GPT, *CHECKPOINTED, "train.strategy=fsdp", "run.name=gpt_fsdp_preempted"]
+    # Ranks check for the signal after every step, so the stop comes right after step 10.
+    stopped = [*COMMON, *GPT, *CHECKPOINTED, "train.strategy=fsdp", "run.name=gpt_fsdp_preempted",
+               "dist.preemption_sync_s=0"]
     results["preempted"] = _fit(out_dir, stopped, _preempting_loss(rank))
     results["resumed"] = _fit(out_dir, stopped)
     dist.destroy_process_group()

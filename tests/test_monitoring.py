@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import spawn_ranks
+from conftest import require_modules, spawn_ranks
 from ddp_train.cli import main
 from ddp_train.errors import ConfigError
 from ddp_train.metric_logging import CsvSink, TensorBoardSink

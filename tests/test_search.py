@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import clean_env, read_metrics, read_summary, run_cli
+from conftest import clean_env, read_metrics, read_summary, require_modules, run_cli
 from ddp_train.cli import main
 
 require_modules("optuna")
