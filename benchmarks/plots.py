@@ -95,25 +95,37 @@ def accumulation(results: dict[str, Any], path: Path) -> Path:
 
 
 def scaling(results: dict[str, Any], path: Path) -> Path:
-    """Throughput at world size 1 and 2 and the two efficiencies."""
+    """Throughput at world size 1 and 2, DDP (none at world size 1) beside FSDP; efficiencies."""
     data = results["scaling"]
     runs = data["runs"]
+    fsdp = data.get("fsdp", {}).get("runs", {})
     keys = sorted(runs, key=lambda k: (runs[k]["world_size"], runs[k]["batch_per_rank"]))
     labels = [f"{runs[k]['world_size']} rank(s)\n× batch {runs[k]['batch_per_rank']}" for k in keys]
-    values = [runs[k]["samples_per_s"] for k in keys]
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
-    bars = ax.bar(labels, values, color=[COLORS["hand"] if runs[k]["world_size"] == 1 else COLORS["trainer"]
-                                         for k in keys], edgecolor="black", linewidth=0.5)
-    for bar, value in zip(bars, values):
-        ax.annotate(f"{value:.0f}", (bar.get_x() + bar.get_width() / 2, value), xytext=(0, 4),
-                    textcoords="offset points", ha="center", fontsize=10)
+    fig, ax = plt.subplots(figsize=(8.5, 5.2), dpi=110)
+    width = 0.38 if fsdp else 0.7
+    series = [("ddp (none at 1 rank)", runs, COLORS["trainer"], 0.0)]
+    if fsdp:
+        series = [("ddp (none at 1 rank)", runs, COLORS["trainer"], -width / 2),
+                  ("fsdp", fsdp, COLORS["extra"], width / 2)]
+    for label, source, color, shift in series:
+        values = [source[k]["samples_per_s"] if k in source else 0.0 for k in keys]
+        bars = ax.bar([i + shift for i in range(len(keys))], values, width, color=color,
+                      edgecolor="black", linewidth=0.5, label=label)
+        for bar, value in zip(bars, values):
+            ax.annotate(f"{value:.0f}", (bar.get_x() + bar.get_width() / 2, value), xytext=(0, 4),
+                        textcoords="offset points", ha="center", fontsize=9)
+    ax.set_xticks(range(len(keys)), labels)
     title = f"ddp_train throughput, {data['workload']['name']} ({data['device']})"
     if "strong_efficiency" in data:
-        title += (f"\nstrong scaling efficiency {data['strong_efficiency']:.2f}, "
-                  f"weak {data['weak_efficiency']:.2f} (fsdp: not available)")
+        title += (f"\nstrong / weak scaling efficiency: ddp {data['strong_efficiency']:.2f} / "
+                  f"{data['weak_efficiency']:.2f}")
+        if "strong_efficiency" in data.get("fsdp", {}):
+            title += (f", fsdp {data['fsdp']['strong_efficiency']:.2f} / "
+                      f"{data['fsdp']['weak_efficiency']:.2f}")
     ax.set_title(title, fontsize=11)
     ax.set_ylabel("samples/s (global batch / median step)")
     ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=9)
     if data.get("note"):
         fig.text(0.01, 0.04, data["note"], fontsize=8, color="dimgray")
     _footer(fig, results, "scaling")

@@ -12,7 +12,10 @@ Sections (each module's docstring says what it measures and why the comparison i
   ``grad_accum_steps=4`` and the time ``no_sync`` saves;
 * ``checkpoint`` (``checkpoint_save.py``): ``CheckpointManager.save`` against a durable
   ``torch.save``, and the blocking time of an async save;
-* ``scaling`` (``scaling.py``): throughput at world size 1 and 2, strong/weak efficiency;
+* ``scaling`` (``scaling.py``): throughput at world size 1 and 2, DDP and FSDP, strong/weak
+  efficiency;
+* ``fsdp_memory`` (``fsdp_memory.py``): per-rank parameter, gradient and optimizer bytes and
+  step time, DDP against FSDP, at world size 1 and 2;
 * ``bandwidth`` (``bandwidth.py``): all-reduce latency and bus bandwidth;
 * ``startup`` (``startup.py``): time to the first optimizer step against ``import torch``;
 * ``projection`` (``projection.py``): projected DDP efficiency at N = 8, 64, 512, checked
@@ -43,20 +46,22 @@ from typing import Any, Callable
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("overhead", "accumulation", "checkpoint", "scaling", "bandwidth", "startup",
-            "projection", "gpu")
+SECTIONS = ("overhead", "accumulation", "checkpoint", "scaling", "fsdp_memory", "bandwidth",
+            "startup", "projection", "gpu")
 PLANS: dict[str, dict[str, Any]] = {
     # (steps per block, rounds) per workload; other sizes per section.
     "quick": {"overhead": {"tiny_mlp": (30, 10), "mid_gpt": (6, 5)},
               "accumulation": {"tiny_mlp": (5, 4), "mid_gpt": (2, 3)},
               "checkpoint_repeats": 3,
               "scaling": {"steps_per_block": 6, "blocks": 4, "repeats": 1},
+              "fsdp_memory": {"repeats": 1, "steps_per_block": 6, "blocks": 3},
               "bandwidth_repeats": 8, "startup_repeats": 3, "startup_torchrun": False,
               "gpu": {"steps": 20, "warmup": 10}},
     "full": {"overhead": {"tiny_mlp": (40, 40), "mid_gpt": (10, 20)},
              "accumulation": {"tiny_mlp": (10, 10), "mid_gpt": (4, 8)},
              "checkpoint_repeats": 7,
              "scaling": {"steps_per_block": 10, "blocks": 8, "repeats": 2},
+             "fsdp_memory": {"repeats": 2, "steps_per_block": 8, "blocks": 4},
              "bandwidth_repeats": 20, "startup_repeats": 7, "startup_torchrun": True,
              "gpu": {"steps": 50, "warmup": 15}},
 }
@@ -97,6 +102,13 @@ def run_scaling(plan: dict[str, Any], device: str, done: dict[str, Any]) -> dict
     return scaling.run(device, _world_size(device), **plan["scaling"])
 
 
+def run_fsdp_memory(plan: dict[str, Any], device: str, done: dict[str, Any]) -> dict[str, Any]:
+    import fsdp_memory
+    if device != "cpu":
+        return {"status": "not run: the FSDP memory section runs on CPU (gloo)"}
+    return fsdp_memory.run(**plan["fsdp_memory"])
+
+
 def run_bandwidth(plan: dict[str, Any], device: str, done: dict[str, Any]) -> dict[str, Any]:
     import bandwidth
     if _world_size(device) < 2:
@@ -129,7 +141,8 @@ def run_gpu(plan: dict[str, Any], device: str, done: dict[str, Any]) -> dict[str
 
 RUNNERS: dict[str, Callable[[dict[str, Any], str, dict[str, Any]], dict[str, Any]]] = {
     "overhead": run_overhead, "accumulation": run_accumulation, "checkpoint": run_checkpoint,
-    "scaling": run_scaling, "bandwidth": run_bandwidth, "startup": run_startup,
+    "scaling": run_scaling, "fsdp_memory": run_fsdp_memory, "bandwidth": run_bandwidth,
+    "startup": run_startup,
     "projection": run_projection, "gpu": run_gpu,
 }
 
@@ -217,7 +230,10 @@ def markdown(results: dict[str, Any]) -> str:
     if "strong_efficiency" in scaling:
         lines.append(f"| `scaling` ddp efficiency at world size 2, strong / weak | "
                      f"{scaling['strong_efficiency']:.2f} / {scaling['weak_efficiency']:.2f} | | |")
-        lines.append("| `scaling` fsdp | not available (ddp_train rejects `train.strategy=fsdp`) | | |")
+        fsdp = scaling.get("fsdp", {})
+        if "strong_efficiency" in fsdp:
+            lines.append(f"| `scaling` fsdp efficiency at world size 2, strong / weak | "
+                         f"{fsdp['strong_efficiency']:.2f} / {fsdp['weak_efficiency']:.2f} | | |")
     if "startup_ratio" in head:
         startup = results["startup"]
         lines.append(f"| `startup_ratio` | {head['startup_ratio']:.2f} "
@@ -259,12 +275,30 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
 
     if "runs" in scaling:
-        lines += ["**Scaling** (mid_gpt, ddp_train; fsdp: not available)", "",
-                  "| world size | batch per rank | global batch | median step ms | samples/s |",
-                  "|---|---|---|---|---|"]
-        for run in sorted(scaling["runs"].values(), key=lambda r: (r["world_size"], r["batch_per_rank"])):
-            lines.append(f"| {run['world_size']} | {run['batch_per_rank']} | {run['global_batch']} | "
-                         f"{run['step_s']['median'] * 1e3:.1f} | {run['samples_per_s']:.0f} |")
+        lines += ["**Scaling** (mid_gpt, ddp_train; ddp is no wrapper at world size 1)", "",
+                  "| strategy | world size | batch per rank | global batch | median step ms | samples/s |",
+                  "|---|---|---|---|---|---|"]
+        for strategy, runs in (("ddp", scaling["runs"]), ("fsdp", scaling.get("fsdp", {}).get("runs", {}))):
+            for run in sorted(runs.values(), key=lambda r: (r["world_size"], r["batch_per_rank"])):
+                lines.append(f"| {strategy} | {run['world_size']} | {run['batch_per_rank']} | "
+                             f"{run['global_batch']} | {run['step_s']['median'] * 1e3:.1f} | "
+                             f"{run['samples_per_s']:.0f} |")
+        lines.append("")
+
+    fsdp_memory = results.get("fsdp_memory", {})
+    if "ratios" in fsdp_memory:
+        lines += ["**FSDP against DDP** (mid_gpt; parameters + gradients + optimizer state each "
+                  "rank holds, and the median step)", "",
+                  "| world size | strategy | MiB per rank | median step ms | fsdp / ddp memory | "
+                  "fsdp / ddp step |", "|---|---|---|---|---|---|"]
+        for world_size in (1, 2):
+            ratios = fsdp_memory["ratios"][f"ws{world_size}"]
+            for strategy in ("ddp", "fsdp"):
+                run = fsdp_memory["runs"][f"ws{world_size}_{strategy}"]
+                extra = (f"{ratios['memory_fsdp_over_ddp']:.2f} | {ratios['step_time_fsdp_over_ddp']:.2f}"
+                         if strategy == "fsdp" else " | ")
+                lines.append(f"| {world_size} | {strategy} | {run['max_total_bytes_per_rank'] / 2**20:.2f} | "
+                             f"{run['step_s']['median'] * 1e3:.1f} | {extra} |")
         lines.append("")
 
     startup = results.get("startup", {})
@@ -334,6 +368,7 @@ def markdown(results: dict[str, Any]) -> str:
 def draw(results: dict[str, Any], out: Path) -> list[Path]:
     """Every chart whose section has results."""
     import checkpoint_save
+    import fsdp_memory
     import plots
     drawn = []
     for section, draw_fn, name in [("overhead", plots.overhead, "overhead.png"),
@@ -349,6 +384,8 @@ def draw(results: dict[str, Any], out: Path) -> list[Path]:
     if "ratios" in results.get("checkpoint", {}):
         checkpoint_save.plot(results["checkpoint"], out / "checkpoint.png")
         drawn.append(out / "checkpoint.png")
+    if "ratios" in results.get("fsdp_memory", {}):
+        drawn.append(fsdp_memory.plot(results["fsdp_memory"], out / "fsdp_memory.png"))
     return drawn
 
 

@@ -4,9 +4,12 @@ What is measured: the mid-size GPT (``common.MID``) trained by the real ``Traine
 (``fit()`` in blocks, per-step start-to-start intervals, see ``overhead.py``) in freshly
 spawned ranks, one intra-op thread per rank:
 
-* world size 1 (no launcher process group, no DDP: ``train.strategy=auto``), per-rank
-  batch B and 2B, the two trainers interleaved block by block in one process;
-* world size 2 (DDP over gloo), per-rank batch B.
+* world size 1 (no DDP: ``train.strategy=auto``), per-rank batch B and 2B, the trainers
+  interleaved block by block in one process;
+* world size 2 (DDP over gloo), per-rank batch B;
+* the same three runs with ``train.strategy=fsdp`` (one FSDP unit per transformer block,
+  then the root; at world size 1 in a 1-rank group, where nothing is sharded but FSDP's
+  machinery runs), interleaved with the DDP ones in the same processes.
 
 Throughput = global batch / median step time (samples/s; tokens/s = samples/s × 64).
 
@@ -14,6 +17,9 @@ Throughput = global batch / median step time (samples/s; tokens/s = samples/s ×
   (2 × throughput(1 rank × 2B));
 * weak scaling (same per-rank batch B): efficiency = throughput(2 ranks × B) /
   (2 × throughput(1 rank × B)).
+
+FSDP's efficiencies are taken against its own world-size-1 runs (the same code path);
+``fsdp.vs_ddp`` gives its throughput against DDP's at the same world size and batch.
 
 On this 2-core machine world size 2 uses both cores while world size 1 leaves one idle,
 and gloo's communication threads compete with the compute for those same two cores (on
@@ -48,8 +54,8 @@ from common import (MID, Workload, init_process_group, median, rank_device,
                     spawn_ranks, summarize, synchronize)
 from loops import TrainerLoop
 
-FSDP_STATUS = ("not available: ddp_train rejects train.strategy=fsdp "
-               "('fsdp is not available in this version'), so there is nothing to measure")
+STRATEGIES = ("auto", "fsdp")
+"""``auto``: no wrapper at world size 1, DDP above; ``fsdp``: FSDP2 at every world size."""
 
 
 def _phase_split(workload: Workload, device: torch.device, steps: int, ddp: bool = False
@@ -97,25 +103,29 @@ def _phase_split(workload: Workload, device: torch.device, steps: int, ddp: bool
 def _rank_main(rank: int, world_size: int, device_type: str, batches: list[int], steps_per_block: int,
                blocks: int) -> dict[str, Any] | None:
     device = rank_device(device_type, rank)
-    if world_size > 1:
-        init_process_group(rank, world_size, device)
+    # FSDP needs a process group even at world size 1; without DDP (strategy auto at
+    # world size 1) the group is never used by the other trainers.
+    init_process_group(rank, world_size, device)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ddp_bench_runs_") as tmp:
         loops = {}
-        for batch in batches:
-            workload = dataclasses.replace(MID, batch_size=batch)
-            loops[batch] = TrainerLoop(workload, workload.build_dataset(world_size), device, tmp,
-                                       f"scaling_{world_size}x{batch}", steps_per_block * (blocks + 1))
-        intervals: dict[int, list[float]] = {batch: [] for batch in batches}
+        for strategy in STRATEGIES:
+            for batch in batches:
+                workload = dataclasses.replace(MID, batch_size=batch)
+                loops[strategy, batch] = TrainerLoop(
+                    workload, workload.build_dataset(world_size), device, tmp,
+                    f"scaling_{strategy}_{world_size}x{batch}", steps_per_block * (blocks + 1),
+                    overrides=[f"train.strategy={strategy}"])
+        intervals: dict[tuple[str, int], list[float]] = {key: [] for key in loops}
         for block in range(blocks + 1):  # block 0 warms up
-            for batch in batches if block % 2 else reversed(batches):
-                loop = loops[batch]
+            for key in list(loops) if block % 2 else list(reversed(loops)):
+                loop = loops[key]
                 synchronize(device)
                 loop.run(steps_per_block)
                 synchronize(device)
                 steps = loop.clock.intervals()
                 if block > 0:
-                    intervals[batch] += steps
+                    intervals[key] += steps
         for loop in loops.values():
             loop.close()
         results["intervals_s"] = intervals
@@ -124,29 +134,12 @@ def _rank_main(rank: int, world_size: int, device_type: str, batches: list[int],
     results["phases"] = _phase_split(MID, device, steps=3 * steps_per_block)
     if world_size > 1:
         results["ddp_phases"] = _phase_split(MID, device, steps=3 * steps_per_block, ddp=True)
-        torch.distributed.destroy_process_group()
+    torch.distributed.destroy_process_group()
     return results if rank == 0 else None
 
 
-def run(device_type: str = "cpu", max_world_size: int = 2, steps_per_block: int = 8,
-        blocks: int = 4, repeats: int = 1) -> dict[str, Any]:
-    """Throughput at world sizes 1..max_world_size (alternating spawns); efficiencies."""
-    base = MID.batch_size
-    samples: dict[str, list[float]] = {}
-    phases: dict[int, dict[str, list[float]]] = {}
-    ddp_phases: dict[str, list[float]] = {}
-    world_sizes = [1] + ([max_world_size] if max_world_size > 1 else [])
-    for _ in range(repeats):
-        for world_size in world_sizes:
-            batches = sorted({base, base * max_world_size}) if world_size == 1 else [base]
-            result = spawn_ranks(_rank_main, world_size, device_type, batches, steps_per_block,
-                                 blocks)[0]
-            for batch, values in result["intervals_s"].items():
-                samples.setdefault(f"ws{world_size}_batch{batch}", []).extend(values)
-            for key, values in result["phases"].items():
-                phases.setdefault(world_size, {}).setdefault(key, []).extend(values)
-            for key, values in result.get("ddp_phases", {}).items():
-                ddp_phases.setdefault(key, []).extend(values)
+def _runs(samples: dict[str, list[float]]) -> dict[str, Any]:
+    """Per ``ws{N}_batch{B}`` key: median step, throughput in samples/s and tokens/s."""
     tokens = MID.model_args["block_size"]
     runs: dict[str, Any] = {}
     for key, values in samples.items():
@@ -156,15 +149,45 @@ def run(device_type: str = "cpu", max_world_size: int = 2, steps_per_block: int 
                      "global_batch": world_size * batch, "step_s": summarize(values),
                      "samples_per_s": world_size * batch / step,
                      "tokens_per_s": world_size * batch * tokens / step}
+    return runs
+
+
+def run(device_type: str = "cpu", max_world_size: int = 2, steps_per_block: int = 8,
+        blocks: int = 4, repeats: int = 1) -> dict[str, Any]:
+    """Throughput at world sizes 1..max_world_size (alternating spawns); efficiencies."""
+    base = MID.batch_size
+    samples: dict[str, dict[str, list[float]]] = {strategy: {} for strategy in STRATEGIES}
+    phases: dict[int, dict[str, list[float]]] = {}
+    ddp_phases: dict[str, list[float]] = {}
+    world_sizes = [1] + ([max_world_size] if max_world_size > 1 else [])
+    for _ in range(repeats):
+        for world_size in world_sizes:
+            batches = sorted({base, base * max_world_size}) if world_size == 1 else [base]
+            result = spawn_ranks(_rank_main, world_size, device_type, batches, steps_per_block,
+                                 blocks)[0]
+            for (strategy, batch), values in result["intervals_s"].items():
+                samples[strategy].setdefault(f"ws{world_size}_batch{batch}", []).extend(values)
+            for key, values in result["phases"].items():
+                phases.setdefault(world_size, {}).setdefault(key, []).extend(values)
+            for key, values in result.get("ddp_phases", {}).items():
+                ddp_phases.setdefault(key, []).extend(values)
+    runs = _runs(samples["auto"])
+    fsdp_runs = _runs(samples["fsdp"])
     results: dict[str, Any] = {
         "workload": MID.describe(), "device": device_type, "steps_per_block": steps_per_block,
-        "blocks": blocks, "repeats": repeats, "runs": runs, "samples_s": samples,
+        "blocks": blocks, "repeats": repeats, "runs": runs, "samples_s": samples["auto"],
         "phases_s": {key: summarize(values) for key, values in phases[1].items()},
         "phases_samples_s": phases[1],
-        "fsdp": FSDP_STATUS,
+        "fsdp": {"runs": fsdp_runs, "samples_s": samples["fsdp"],
+                 "vs_ddp": {key: run["samples_per_s"] / runs[key]["samples_per_s"]
+                            for key, run in fsdp_runs.items()}},
     }
     if max_world_size > 1:
         n = max_world_size
+        fsdp_multi = fsdp_runs[f"ws{n}_batch{base}"]["samples_per_s"]
+        results["fsdp"]["strong_efficiency"] = fsdp_multi / (
+            n * fsdp_runs[f"ws1_batch{base * n}"]["samples_per_s"])
+        results["fsdp"]["weak_efficiency"] = fsdp_multi / (n * fsdp_runs[f"ws1_batch{base}"]["samples_per_s"])
         multi = runs[f"ws{n}_batch{base}"]["samples_per_s"]
         plain = {ws: median([sum(step) for step in zip(*phases[ws].values())]) for ws in phases}
         # Compute alone slows down when every core computes (shared caches, memory

@@ -10,6 +10,7 @@ with ``torch.load(..., weights_only=True)``: loading never runs code from the fi
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -110,17 +111,16 @@ class Snapshot:
         return value
 
 
-class CheckpointManager:
-    """Saves, rotates, finds and loads the checkpoints of one run directory (rank 0 writes)."""
+class CheckpointDirectory:
+    """The checkpoints of one run: listing, loading the newest that checks out, removal, rotation.
+
+    Subclasses decide how a checkpoint is written (one file, or a sharded directory) and
+    may list, read and delete more kinds of entries.
+    """
 
     def __init__(self, directory: Path, config: CheckpointConfig) -> None:
         self.directory = directory
         self.config = config
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._snapshot = Snapshot()
-
-    # -- finding ----------------------------------------------------------------------
 
     def list(self) -> list[CheckpointFile]:
         """Complete checkpoints (by name), oldest first; temporaries are never listed."""
@@ -133,12 +133,23 @@ class CheckpointManager:
                 found.append(CheckpointFile(path, int(match.group(2)), match.group(1)))
         return sorted(found, key=lambda c: (c.step, c.kind == "step"))
 
+    def read(self, path: Path) -> dict[str, Any]:
+        """Load and check one checkpoint; ValueError saying what is wrong with it."""
+        if path.is_dir():
+            raise ValueError(f"is a sharded checkpoint: resume it with train.strategy=fsdp, or turn "
+                             f"it into a file with 'ddp-train convert {path}'")
+        return read_checkpoint(path)
+
+    def delete(self, path: Path) -> None:
+        """Remove one checkpoint or temporary."""
+        path.unlink(missing_ok=True)
+
     def remove_stale_temporaries(self) -> None:
         """Delete what a killed save left behind (rank 0, at start)."""
         if self.directory.is_dir():
             for path in self.directory.glob(".*.tmp-*"):
                 log.warning("removing %s, left by a save that did not finish", path)
-                path.unlink(missing_ok=True)
+                self.delete(path)
 
     def remove_all(self) -> None:
         """Delete every checkpoint (``resume=never`` starts the run over)."""
@@ -147,27 +158,28 @@ class CheckpointManager:
             log.warning("checkpoint.resume=never: removing %d checkpoint(s) of an earlier run in %s",
                         len(old), self.directory)
         for checkpoint in old:
-            checkpoint.path.unlink(missing_ok=True)
+            self.delete(checkpoint.path)
 
     def load_newest(self) -> tuple[dict[str, Any], Path] | None:
         """The newest checkpoint that loads; a broken one is named in a warning and skipped."""
         for checkpoint in reversed(self.list()):
             try:
-                return read_checkpoint(checkpoint.path), checkpoint.path
+                return self.read(checkpoint.path), checkpoint.path
             except ValueError as exc:
                 log.warning("skipping checkpoint %s: it %s; trying the previous one",
                             checkpoint.path, exc)
         return None
 
+    def is_checkpoint_directory(self, path: Path) -> bool:
+        """Whether the directory ``path`` is one checkpoint (not a directory holding some)."""
+        return (path / ".metadata").is_file()  # torch.distributed.checkpoint's index file
+
     def load_path(self, path: Path) -> tuple[dict[str, Any], Path]:
-        """``checkpoint.resume=PATH``: a checkpoint file, or a run/checkpoints directory."""
-        if (path / ".metadata").is_file():
-            raise ConfigError("checkpoint.resume", f"{str(path)!r} is a sharded checkpoint: resume it "
-                                                   f"with train.strategy=fsdp, or turn it into a file "
-                                                   f"with 'ddp-train convert {path}'")
-        if path.is_dir():
-            directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-            found = CheckpointManager(directory, self.config).load_newest()
+        """``checkpoint.resume=PATH``: a checkpoint, or a run or checkpoints directory (its newest)."""
+        if path.is_dir() and not self.is_checkpoint_directory(path):
+            other = copy.copy(self)
+            other.directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+            found = other.load_newest()
             if found is None:
                 raise ConfigError("checkpoint.resume", f"expected a checkpoint, but {str(path)!r} "
                                                        f"holds no complete checkpoint")
@@ -176,9 +188,30 @@ class CheckpointManager:
             raise ConfigError("checkpoint.resume", f"expected auto, never or an existing "
                                                    f"checkpoint, got {str(path)!r} (does not exist)")
         try:
-            return read_checkpoint(path), path
+            return self.read(path), path
         except ValueError as exc:
             raise ConfigError("checkpoint.resume", f"checkpoint {str(path)!r} {exc}") from None
+
+    def _rotate(self, new_best: bool) -> None:
+        """Keep the newest ``keep_last`` periodic checkpoints and, after a new best, only it."""
+        checkpoints = self.list()
+        periodic = [c for c in checkpoints if c.kind == "step"]
+        for old in periodic[:-self.config.keep_last]:
+            self.delete(old.path)
+        if new_best:
+            bests = [c for c in checkpoints if c.kind == "best"]
+            for old in bests[:-1]:
+                self.delete(old.path)
+
+
+class CheckpointManager(CheckpointDirectory):
+    """Single-file checkpoints, written by rank 0 (optionally in the background)."""
+
+    def __init__(self, directory: Path, config: CheckpointConfig) -> None:
+        super().__init__(directory, config)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._snapshot = Snapshot()
 
     # -- saving -----------------------------------------------------------------------
 
@@ -237,14 +270,3 @@ class CheckpointManager:
                 _write_atomically(state, best_path)
         if rotate:
             self._rotate(best)
-
-    def _rotate(self, new_best: bool) -> None:
-        """Keep the newest ``keep_last`` periodic checkpoints and, after a new best, only it."""
-        checkpoints = self.list()
-        periodic = [c for c in checkpoints if c.kind == "step"]
-        for old in periodic[:-self.config.keep_last]:
-            old.path.unlink(missing_ok=True)
-        if new_best:
-            bests = [c for c in checkpoints if c.kind == "best"]
-            for old in bests[:-1]:
-                old.path.unlink(missing_ok=True)

@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict, set_state_dict)
 
-from ddp_train.checkpoint import (FORMAT_VERSION, REQUIRED_KEYS, CheckpointFile, CheckpointManager,
+from ddp_train.checkpoint import (FORMAT_VERSION, REQUIRED_KEYS, CheckpointDirectory, CheckpointFile,
                                   _fsync_directory, _write_atomically, read_checkpoint)
 from ddp_train.config import CheckpointConfig
 from ddp_train.distributed import DistEnv
@@ -294,7 +294,7 @@ def convert_to_file(checkpoint: Path, out: Path | None = None) -> Path:
 # The checkpoints of a run.
 
 
-class ShardedCheckpointManager:
+class ShardedCheckpointManager(CheckpointDirectory):
     """Saves (every rank), rotates, finds and loads the checkpoints of a sharded run.
 
     Lists sharded directories and single-file checkpoints together, by step; the same
@@ -302,16 +302,14 @@ class ShardedCheckpointManager:
     """
 
     def __init__(self, directory: Path, config: CheckpointConfig, env: DistEnv) -> None:
-        self.directory = directory
-        self.config = config
+        super().__init__(directory, config)
         self.env = env
-        self._files = CheckpointManager(directory, config)
 
     # -- finding (rank 0) -------------------------------------------------------------
 
     def list(self) -> list[CheckpointFile]:
         """Complete checkpoints of both kinds, oldest first; temporaries are never listed."""
-        found = self._files.list()
+        found = super().list()
         if self.directory.is_dir():
             for path in self.directory.iterdir():
                 match = _DIR_NAME.match(path.name)
@@ -319,48 +317,18 @@ class ShardedCheckpointManager:
                     found.append(CheckpointFile(path, int(match.group(2)), match.group(1)))
         return sorted(found, key=lambda c: (c.step, c.kind == "step", c.path.is_dir()))
 
-    def remove_stale_temporaries(self) -> None:
-        """Delete what a killed save left behind (rank 0, at start)."""
-        if self.directory.is_dir():
-            for path in self.directory.glob(".*.tmp-*"):
-                log.warning("removing %s, left by a save that did not finish", path)
-                _remove(path)
+    def read(self, path: Path) -> dict[str, Any]:
+        """A sharded directory's trainer state, or a single-file checkpoint."""
+        return read_any(path)
 
-    def remove_all(self) -> None:
-        """Delete every checkpoint (``resume=never`` starts the run over)."""
-        old = self.list()
-        if old:
-            log.warning("checkpoint.resume=never: removing %d checkpoint(s) of an earlier run in %s",
-                        len(old), self.directory)
-        for checkpoint in old:
-            _remove(checkpoint.path)
+    def delete(self, path: Path) -> None:
+        """Remove a checkpoint directory or file."""
+        _remove(path)
 
-    def load_newest(self) -> tuple[dict[str, Any], Path] | None:
-        """The newest checkpoint that checks out; a broken one is named in a warning and skipped."""
-        for checkpoint in reversed(self.list()):
-            try:
-                return read_any(checkpoint.path), checkpoint.path
-            except ValueError as exc:
-                log.warning("skipping checkpoint %s: it %s; trying the previous one",
-                            checkpoint.path, exc)
-        return None
-
-    def load_path(self, path: Path) -> tuple[dict[str, Any], Path]:
-        """``checkpoint.resume=PATH``: a checkpoint (directory or file), or a run/checkpoints directory."""
-        if path.is_dir() and not _DIR_NAME.match(path.name) and not (path / TRAINER_STATE).exists():
-            directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-            found = ShardedCheckpointManager(directory, self.config, self.env).load_newest()
-            if found is None:
-                raise ConfigError("checkpoint.resume", f"expected a checkpoint, but {str(path)!r} "
-                                                       f"holds no complete checkpoint")
-            return found
-        if not path.exists():
-            raise ConfigError("checkpoint.resume", f"expected auto, never or an existing "
-                                                   f"checkpoint, got {str(path)!r} (does not exist)")
-        try:
-            return read_any(path), path
-        except ValueError as exc:
-            raise ConfigError("checkpoint.resume", f"checkpoint {str(path)!r} {exc}") from None
+    def is_checkpoint_directory(self, path: Path) -> bool:
+        """A checkpoint's own directory: by its name, its trainer state, or DCP's index."""
+        return (_DIR_NAME.match(path.name) is not None or (path / TRAINER_STATE).exists()
+                or super().is_checkpoint_directory(path))
 
     # -- saving (every rank) ----------------------------------------------------------
 
@@ -400,17 +368,6 @@ class ShardedCheckpointManager:
             shutil.copytree(first, linked, copy_function=_link_or_copy)
             _publish(linked, second)
         self._rotate(best)
-
-    def _rotate(self, new_best: bool) -> None:
-        """Keep the newest ``keep_last`` periodic checkpoints and, after a new best, only it."""
-        checkpoints = self.list()
-        periodic = [c for c in checkpoints if c.kind == "step"]
-        for old in periodic[:-self.config.keep_last]:
-            _remove(old.path)
-        if new_best:
-            bests = [c for c in checkpoints if c.kind == "best"]
-            for old in bests[:-1]:
-                _remove(old.path)
 
     def wait(self) -> None:
         """Nothing runs in the background: saves are synchronous on every rank."""

@@ -156,6 +156,18 @@ def _vocab(run_dir: Path) -> int:
     return int(torch.load(run_dir / "model.pt", weights_only=True)["tok_emb.weight"].shape[0])
 
 
+def test_a_sharded_checkpoint_in_a_ddp_run_says_how_to_convert(
+        two_ranks: tuple[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    runs, _ = two_ranks
+    step = runs / "gpt_fsdp" / "checkpoints" / "step_00000010"
+    monkeypatch.chdir(tmp_path)
+    assert main([*GPT, "logging.progress=none", f"checkpoint.resume={step}"]) == 2
+    err = capsys.readouterr().err
+    assert "is a sharded checkpoint" in err and f"ddp-train convert {step}" in err
+    assert "Traceback" not in err
+
+
 def test_sharded_checkpoint_layout(two_ranks: tuple[Path, list[dict[str, Any]]]) -> None:
     """One directory per checkpoint, a shard file per rank, nothing temporary left."""
     runs, _ = two_ranks
