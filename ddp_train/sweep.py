@@ -41,6 +41,7 @@ from typing import Any
 from ddp_train.child_runs import ChildRun, MetricsFollower, StopRequests, override
 from ddp_train.config import config_to_yaml, load_config
 from ddp_train.errors import ConfigError
+from ddp_train.extras import require
 from ddp_train.run_dir import atomic_write_bytes
 from ddp_train.sweep_space import Parameter, read_space
 
@@ -58,10 +59,9 @@ COUNTED_FAILURE = "failed"  # the training run failed: the trial used up its pla
 
 def require_optuna() -> Any:
     """The optuna module, or a ConfigError (exit 2) saying how to install it."""
-    try:
-        import optuna
-    except ImportError:
-        raise ConfigError("", 'sweep needs Optuna: pip install "ddp_train[sweep]"') from None
+    require(("optuna",), "sweep", "ddp-train sweep")
+    import optuna
+
     return optuna
 
 
