@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 log = logging.getLogger("ddp_train")
 
@@ -18,11 +18,15 @@ def layer_grad_norms(module: nn.Module) -> dict[str, float]:
     A sharded (FSDP) gradient's norm is reduced over its shards: a collective, so every
     rank calls this on the same steps.
     """
+    # No DTensor exists unless FSDP imported its module: checking sys.modules spares every
+    # other run that import (about a second).
+    dtensor = sys.modules.get("torch.distributed.tensor")
     norms = {}
     for name, param in module.named_parameters():
         if param.grad is not None:
             norm = param.grad.detach().norm()
-            norms[f"grad_norm/{name}"] = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+            sharded = dtensor is not None and isinstance(norm, dtensor.DTensor)
+            norms[f"grad_norm/{name}"] = (norm.full_tensor() if sharded else norm).item()
     return norms
 
 

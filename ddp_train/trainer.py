@@ -17,7 +17,8 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 import ddp_train
-from ddp_train.checkpoint import FORMAT_VERSION, CheckpointManager, read_checkpoint
+from ddp_train.checkpoint import FORMAT_VERSION, CheckpointManager
 from ddp_train.config import TrainConfig, config_to_dict, config_to_yaml
 from ddp_train.data import eval_loader, to_device, train_loader
 from ddp_train.datasets import DATASETS
@@ -45,11 +46,10 @@ from ddp_train.preemption import PreemptionWatch
 from ddp_train.profiling import StepProfiler
 from ddp_train.rng import capture_rng, restore_rng, seed_everything
 from ddp_train.run_dir import RunDirectory
-from ddp_train.sharded_checkpoint import (ShardedCheckpointManager, full_optimizer_state_dict,
-                                          load_full_state, load_sharded, read_any)
-from ddp_train.sharding import (apply_fsdp, even_batches, full_model_state_dict, global_grad_norm,
-                                gradient_sync, resolve_strategy)
 from ddp_train.system_metrics import SystemMonitor, peak_flops, training_flops_per_sample
+
+if TYPE_CHECKING:
+    from ddp_train.sharded_checkpoint import ShardedCheckpointManager
 
 log = logging.getLogger("ddp_train")
 
@@ -77,6 +77,16 @@ def _tokens_per_sample(inputs: Any, task: str) -> int:
         return int(inputs.shape[1])
     return 1
 
+
+# FSDP, DTensor and torch.distributed.checkpoint take about a second to import, so only
+# FSDP runs load ddp_train.sharding and ddp_train.sharded_checkpoint (imported where used).
+
+
+def _resolve_strategy(strategy: str, world_size: int) -> Literal["none", "ddp", "fsdp"]:
+    """``train.strategy`` as run: auto is ddp with more than one rank, else none."""
+    if strategy == "auto":
+        return "ddp" if world_size > 1 else "none"
+    return strategy  # type: ignore[return-value]
 
 # Keys that may differ between a checkpoint's run and the resumed one without a warning.
 _RESUME_FREE_KEYS = ("run.", "checkpoint.", "logging.", "dist.timeout_s", "dist.preemption_sync_s",
@@ -164,7 +174,7 @@ class Trainer:
 
         # Wrap: DDP when asked for or when there is more than one rank; FSDP when asked for
         # (it shards self.module in place: its parameters become this rank's shards).
-        self.strategy = resolve_strategy(config.train.strategy, env.world_size)
+        self.strategy = _resolve_strategy(config.train.strategy, env.world_size)
         self.ddp: DistributedDataParallel | None = None
         if self.strategy == "ddp":
             self.ddp = DistributedDataParallel(
@@ -172,6 +182,8 @@ class Trainer:
                 bucket_cap_mb=config.dist.bucket_cap_mb,
                 find_unused_parameters=config.dist.find_unused_parameters)
         elif self.strategy == "fsdp":
+            from ddp_train.sharding import apply_fsdp
+
             apply_fsdp(self.module, config.train.fsdp, config.train.precision, device)
         wrapped: nn.Module = self.ddp if self.ddp is not None else self.module
         self.model: nn.Module = torch.compile(wrapped) if config.train.compile else wrapped
@@ -219,9 +231,13 @@ class Trainer:
         self._micro_since = [0, 0]
 
         # Resume (every rank loads the checkpoint rank 0 chose), then the outputs.
-        self.checkpoints: CheckpointManager | ShardedCheckpointManager = (
-            ShardedCheckpointManager(config.run_dir / "checkpoints", config.checkpoint, env)
-            if self.strategy == "fsdp" else CheckpointManager(config.run_dir / "checkpoints", config.checkpoint))
+        self.checkpoints: CheckpointManager | ShardedCheckpointManager
+        if self.strategy == "fsdp":
+            from ddp_train.sharded_checkpoint import ShardedCheckpointManager
+
+            self.checkpoints = ShardedCheckpointManager(config.run_dir / "checkpoints", config.checkpoint, env)
+        else:
+            self.checkpoints = CheckpointManager(config.run_dir / "checkpoints", config.checkpoint)
         resumed = self._resume()
         self.run_dir = RunDirectory(config.run_dir)
         self.sinks: list[MetricSink] = list(sinks)
@@ -268,6 +284,9 @@ class Trainer:
         other ranks get an empty dict. Under FSDP the shards are gathered into full tensors.
         """
         if self.strategy == "fsdp":
+            from ddp_train.sharded_checkpoint import full_optimizer_state_dict
+            from ddp_train.sharding import full_model_state_dict
+
             model, optimizer = (full_model_state_dict(self.module),
                                 full_optimizer_state_dict(self.module, self.optimizer))
         else:
@@ -297,8 +316,12 @@ class Trainer:
         (with its ``path``), whose tensors every rank then reads from its directory.
         """
         if "path" in state:
+            from ddp_train.sharded_checkpoint import load_sharded
+
             load_sharded(Path(state["path"]), self.module, self.optimizer, state["optimizer_plain"])
         elif self.strategy == "fsdp":
+            from ddp_train.sharded_checkpoint import load_full_state
+
             load_full_state(self.module, self.optimizer, state["model"], state["optimizer"])
         else:
             self.module.load_state_dict(state["model"])
@@ -344,7 +367,7 @@ class Trainer:
             state = found[0]
         else:
             try:
-                state = read_any(Path(path)) if self.strategy == "fsdp" else read_checkpoint(Path(path))
+                state = self.checkpoints.read(Path(path))
             except ValueError as exc:
                 raise TrainingFailed(f"rank {self.env.rank} cannot read checkpoint {path} that "
                                      f"rank 0 chose: it {exc} (is the run directory shared?)",
@@ -566,7 +589,7 @@ class Trainer:
             self._tokens_per_sample = _tokens_per_sample(inputs, self.task)
         self.precision.unscale_(self.optimizer)
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        grad_norm = global_grad_norm(grads)
+        grad_norm = self._grad_norm(grads)
         if self._capture and self.config.debug.layer_grad_norms:
             self._layer_norms = layer_grad_norms(self.module)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -584,9 +607,21 @@ class Trainer:
 
     def _gradient_sync(self, enabled: bool) -> ContextManager[Any]:
         """A context for one micro-batch's forward and backward: reduce gradients or not."""
+        if self.strategy == "fsdp":
+            from ddp_train.sharding import gradient_sync
+
+            return gradient_sync(self.module, enabled)
         if self.ddp is not None and not enabled:
             return self.ddp.no_sync()
-        return gradient_sync(self.module, enabled)
+        return nullcontext()
+
+    def _grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The global 2-norm of the gradients (over every rank's shards under FSDP)."""
+        if self.strategy == "fsdp":
+            from ddp_train.sharding import global_grad_norm
+
+            return global_grad_norm(grads)
+        return torch.nn.utils.get_total_norm(grads)
 
     def _step_is_finite(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """Whether this step may update the weights; the same answer on every rank.
@@ -634,7 +669,7 @@ class Trainer:
                 or (epoch_end and every_epochs > 0 and self.progress.epochs_completed % every_epochs == 0))
 
     def _save_checkpoint(self, periodic: bool, best: bool) -> None:
-        if isinstance(self.checkpoints, ShardedCheckpointManager):
+        if self.strategy == "fsdp":
             # Every rank writes its own shards; rank 0 adds the rest.
             self.checkpoints.save(self.module, self.optimizer, self._trainer_state(),
                                   self.progress.global_step, periodic=periodic, best=best)
@@ -649,7 +684,7 @@ class Trainer:
         if train.clip_grad_value is not None:
             torch.nn.utils.clip_grad_value_(self.module.parameters(), train.clip_grad_value)
             if train.clip_grad_norm is not None:  # the values changed: measure again
-                grad_norm = global_grad_norm(grads)
+                grad_norm = self._grad_norm(grads)
         if train.clip_grad_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), train.clip_grad_norm, grad_norm)
 
@@ -700,8 +735,12 @@ class Trainer:
         self.module.eval()
         accumulator = MetricAccumulator(self.task, self.env.device)
         # A sharded model's forward is a collective: every rank runs as many batches.
-        batches = (even_batches(self.val_loader, self.env) if self.strategy == "fsdp"
-                   else ((batch, True) for batch in self.val_loader))
+        if self.strategy == "fsdp":
+            from ddp_train.sharding import even_batches
+
+            batches = even_batches(self.val_loader, self.env)
+        else:
+            batches = ((batch, True) for batch in self.val_loader)
         for batch, counts in batches:
             inputs, targets = to_device(batch, self.env.device)
             with self.precision.autocast():
@@ -721,6 +760,8 @@ class Trainer:
 
     def _write_model(self) -> None:
         if self.strategy == "fsdp":
+            from ddp_train.sharding import full_model_state_dict
+
             state = full_model_state_dict(self.module)  # a collective: every rank takes part
             if self.env.is_main:
                 self.run_dir.write_model(state)
