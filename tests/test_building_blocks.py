@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,7 +13,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
-from ddp_train.datasets import DATASETS, chars, digits, synthetic_classification, synthetic_regression
+from ddp_train.datasets import (DATASETS, _digits_table, chars, digits, synthetic_classification,
+                                synthetic_regression)
 from ddp_train.errors import ConfigError
 from ddp_train.models import (INIT_SCHEMES, MODELS, apply_init, apply_norm, cnn, gpt, mlp,
                               plain_state_dict)
@@ -203,6 +205,16 @@ DATA_CASES: dict[str, tuple[Callable[..., Any], dict[str, Any], int]] = {
     "synthetic_classification": (synthetic_classification, {"n_samples": 200, "n_classes": 3}, 200),
     "synthetic_regression": (synthetic_regression, {"n_samples": 100, "n_targets": 2}, 100),
 }
+
+
+def test_digits_read_without_scikit_learn_equal_load_digits() -> None:
+    """The fast path (scikit-learn's CSV read directly) gives exactly what load_digits gives."""
+    from sklearn.datasets import load_digits
+
+    pixels, labels = _digits_table()
+    bunch = load_digits()
+    assert np.array_equal(pixels, bunch.data) and pixels.dtype == bunch.data.dtype
+    assert np.array_equal(labels, bunch.target)
 
 
 @pytest.mark.parametrize("case", DATA_CASES)
