@@ -37,13 +37,43 @@ def run_cli(args: list[str], cwd: Path, nproc: int = 1, timeout: float = 120,
             env: dict[str, str] | None = None, extra_launcher_args: tuple[str, ...] = ()
             ) -> subprocess.CompletedProcess[str]:
     """``python -m ddp_train ARGS`` (nproc 1) or ``torchrun --standalone`` with nproc ranks."""
-    if nproc == 1 and not extra_launcher_args:
-        cmd = [sys.executable, "-m", "ddp_train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", *extra_launcher_args, "-m", "ddp_train", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env or clean_env(), capture_output=True, text=True,
+    return subprocess.run(cli_command(args, nproc, extra_launcher_args), cwd=cwd,
+                          env=env or clean_env(), capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def cli_command(args: list[str], nproc: int = 1, extra_launcher_args: tuple[str, ...] = ()
+                ) -> list[str]:
+    """The command line of :func:`run_cli`."""
+    if nproc == 1 and not extra_launcher_args:
+        return [sys.executable, "-m", "ddp_train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", *extra_launcher_args, "-m", "ddp_train", *args]
+
+
+def run_cli_concurrently(runs: list[tuple[list[str], int]], cwd: Path, timeout: float = 200
+                         ) -> list[subprocess.CompletedProcess[str]]:
+    """Independent ``(ARGS, nproc)`` runs started together, as :func:`run_cli` would run them.
+
+    Runs that share nothing give the same results alone or side by side (CPU, no
+    timing-dependent logic); together they overlap their start-up (imports, process
+    groups), which dominates short runs.
+    """
+    procs = [subprocess.Popen(cli_command(args, nproc), cwd=cwd, env=clean_env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL) for args, nproc in runs]
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for (args, _), proc in zip(runs, procs):
+            stdout, stderr = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    finally:
+        for proc in procs:  # a timeout or a failed assertion: no orphans
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

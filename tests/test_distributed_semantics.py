@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from sklearn import metrics as skm
 
-from conftest import load_model, read_summary, run_cli, spawn_ranks
-from ddp_train import Trainer, TrainConfig
+from conftest import load_model, read_summary, run_cli, run_cli_concurrently, spawn_ranks
+from ddp_train import Trainer
 from ddp_train.config import load_config
 
 # A user model and data, SGD with momentum, fp32, shuffled, crossing an epoch boundary
@@ -22,14 +22,19 @@ EQUIV = ["model.name=user_components:tiny_mlp", "data.name=user_components:blobs
          "logging.progress=none", "logging.every_steps=5"]
 
 
-def _train(workdir: Path, name: str, nproc: int, batch: int, accum: int,
-           extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    result = run_cli([*EQUIV, f"run.name={name}", f"data.batch_size={batch}",
-                      f"train.grad_accum_steps={accum}", *extra], cwd=workdir, nproc=nproc)
-    assert result.returncode == 0, result.stderr
-    summary = read_summary(workdir / "runs" / name)
-    assert summary["world_size"] == nproc and summary["global_step"] == 20
-    return load_model(workdir / "runs" / name)
+def _train_all(workdir: Path, runs: dict[str, tuple[int, int, int]], extra: tuple[str, ...] = ()
+               ) -> dict[str, dict[str, torch.Tensor]]:
+    """The final weights of runs named by ``(nproc, batch, accum)``, trained side by side."""
+    results = run_cli_concurrently(
+        [([*EQUIV, f"run.name={name}", f"data.batch_size={batch}", f"train.grad_accum_steps={accum}",
+           *extra], nproc) for name, (nproc, batch, accum) in runs.items()], cwd=workdir)
+    models = {}
+    for (name, (nproc, _, _)), result in zip(runs.items(), results):
+        assert result.returncode == 0, result.stderr
+        summary = read_summary(workdir / "runs" / name)
+        assert summary["world_size"] == nproc and summary["global_step"] == 20
+        models[name] = load_model(workdir / "runs" / name)
+    return models
 
 
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -45,17 +50,13 @@ def _differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 @pytest.mark.timeout(240)
 def test_global_batch_equivalence(workdir: Path) -> None:
     """N ranks × B ≡ 1 rank × N·B, and k micro-batches ≡ one batch k times larger."""
-    one_rank_16 = _train(workdir, "1x16", nproc=1, batch=16, accum=1)
-    two_ranks_8 = _train(workdir, "2x8", nproc=2, batch=8, accum=1)
-    _assert_same(one_rank_16, two_ranks_8)
-
-    one_rank_32 = _train(workdir, "1x32", nproc=1, batch=32, accum=1)
-    accum_4x8 = _train(workdir, "1x8x4", nproc=1, batch=8, accum=4)
-    two_ranks_accum = _train(workdir, "2x8x2", nproc=2, batch=8, accum=2)
-    _assert_same(one_rank_32, accum_4x8)
-    _assert_same(one_rank_32, two_ranks_accum)
+    models = _train_all(workdir, {"1x16": (1, 16, 1), "2x8": (2, 8, 1), "1x32": (1, 32, 1),
+                                  "1x8x4": (1, 8, 4), "2x8x2": (2, 8, 2)})
+    _assert_same(models["1x16"], models["2x8"])
+    _assert_same(models["1x32"], models["1x8x4"])
+    _assert_same(models["1x32"], models["2x8x2"])
     # The comparison can fail: a different global batch gives different weights.
-    assert _differs(one_rank_16, one_rank_32)
+    assert _differs(models["1x16"], models["1x32"])
 
 
 def _count_allreduces(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
