@@ -14,10 +14,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
+
+from ddp_train.signals import SignalFlag
 
 # Variables that place a process in a launcher's job. The parent may itself run inside
 # one (an srun step, a torchrun worker); its children must be jobs of their own.
@@ -120,7 +120,7 @@ class MetricsFollower:
         return records
 
 
-class StopRequests:
+class StopRequests(SignalFlag):
     """While active, SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 set :attr:`signal_name` instead of ending us.
 
     The caller polls it and stops its child cleanly; the run can then be continued by
@@ -128,22 +128,9 @@ class StopRequests:
     """
 
     def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
+        super().__init__(STOP_SIGNALS)
 
-    def __enter__(self) -> StopRequests:
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._on_signal)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
-            print(f"ddp-train: {self.signal_name} received: stopping the running training run "
-                  f"cleanly; run the same command again to continue", file=sys.stderr, flush=True)
+    def announce(self, name: str) -> None:
+        """Tell the user the running child is being stopped and how to continue."""
+        print(f"ddp-train: {name} received: stopping the running training run cleanly; run "
+              f"the same command again to continue", file=sys.stderr, flush=True)

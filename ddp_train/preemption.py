@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 import time
-from types import FrameType
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ddp_train.distributed import DistEnv
+from ddp_train.signals import SignalFlag
 
 log = logging.getLogger("ddp_train")
 
@@ -36,14 +34,13 @@ MAX_INTERVAL = 1000
 """Most optimizer steps between two agreement points (bounds the wait if steps slow down)."""
 
 
-class PreemptionWatch:
+class PreemptionWatch(SignalFlag):
     """Catches the preemption signals while training and tells when all ranks agree to stop."""
 
     def __init__(self, env: DistEnv, sync_s: float = 0.2) -> None:
+        super().__init__(PREEMPTION_SIGNALS)
         self.env = env
         self.sync_s = sync_s
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
         self._buffer = torch.zeros(2, dtype=torch.float64, device=env.device)
         self._work: dist.Work | None = None
         self.interval = 1
@@ -52,24 +49,13 @@ class PreemptionWatch:
         self._since = time.perf_counter()
 
     def __enter__(self) -> PreemptionWatch:
-        # Handlers can only be installed from the main thread (a library user may train
-        # in another one); then preemption is simply not caught.
-        if threading.current_thread() is threading.main_thread():
-            for signum in PREEMPTION_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._on_signal)
+        super().__enter__()
         self._since = time.perf_counter()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
-            log.warning("%s received: finishing the current step, then checkpointing",
-                        self.signal_name)
+    def announce(self, name: str) -> None:
+        """Log that this rank will stop after an agreed step and checkpoint."""
+        log.warning("%s received: finishing the current step, then checkpointing", name)
 
     def agreed(self) -> bool:
         """Call once per optimizer step on every rank: True when all ranks should stop now."""
