@@ -7,6 +7,7 @@ interleaved block by block in one process and compared step by step.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Any, Collection, Iterator, Sequence
 
@@ -24,11 +25,11 @@ from ddp_train.optim import WarmupSchedule
 from ddp_train.preemption import PreemptionWatch
 
 EXTRAS: dict[str, str] = {
-    "grad_norm": "(a) torch.nn.utils.get_total_norm of all gradients",
-    "finite_check": "(b) torch.isfinite() of the norm (or norm + loss) + host sync (bool())",
+    "grad_norm": "(a) global gradient norm: vector_norm(stack(_foreach_norm(grads)))",
+    "finite_check": "(b) math.isfinite(norm.item()): the norm read on the host",
     "preempt_allreduce": "(c) PreemptionWatch.agreed(): async all-reduce of the stop flag "
                          "every ~0.2 s, read at the next agreement",
-    "loss_accum": "(e) loss kept on the device in float64, added into the running sums",
+    "loss_accum": "(e) loss kept on the device, added into float64 running sums",
     "loss_div": "(f) backward of loss / grad_accum_steps (one more autograd node; only when > 1)",
 }
 """ddp_train's per-step additions to a minimal loop, each one switchable in :class:`HandLoop`.
@@ -62,7 +63,8 @@ class HandLoop:
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0, drop_last=True)
         self.loader = DataLoader(dataset, batch_size=workload.batch_size, sampler=self.sampler,
                                  drop_last=True, pin_memory=device.type == "cuda")
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=3e-3, weight_decay=0.0,
+        self.params = list(self.module.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=3e-3, weight_decay=0.0,
                                            betas=(0.9, 0.999))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupSchedule("cosine", 10, total_steps, 0.0, 100, 0.1))
@@ -115,16 +117,15 @@ class HandLoop:
                 micro_losses.append(loss.detach())
         step_loss = None
         if self.loss_accum:
-            step_loss = (micro_losses[0].double() if self.accum == 1
+            step_loss = (micro_losses[0] if self.accum == 1
                          else torch.stack(micro_losses).double().sum())
         norm = None
         if self.grad_norm:
-            norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self.module.parameters() if p.grad is not None])
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
+                [p.grad for p in self.params if p.grad is not None])))
         finite = True
         if self.finite_check:
-            watched = norm if norm is not None else loss.detach()
-            finite = bool(torch.isfinite(watched))
+            finite = math.isfinite((norm if norm is not None else loss).item())
         if finite:
             self.optimizer.step()
             if step_loss is not None:

@@ -30,6 +30,7 @@ of a whole step.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 import warnings
@@ -88,13 +89,14 @@ def isolated_costs(loop: HandLoop, calls: int, batches: int) -> dict[str, float]
                                                                         100, 0.1))
 
     def grad_norm() -> None:
-        torch.nn.utils.get_total_norm([p.grad for p in loop.module.parameters() if p.grad is not None])
+        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
+            [p.grad for p in loop.params if p.grad is not None])))
 
     def finite_check() -> None:
-        bool(torch.isfinite(norm))
+        math.isfinite(norm.item())
 
     def loss_accum() -> None:
-        sums.add_(loss.detach().double())
+        sums.add_(loss.detach())
 
     costs = {"grad_norm": _time_per_call(grad_norm, calls, batches, device),
              "finite_check": _time_per_call(finite_check, calls, batches, device),

@@ -186,6 +186,10 @@ class Trainer:
 
             apply_fsdp(self.module, config.train.fsdp, config.train.precision, device)
         wrapped: nn.Module = self.ddp if self.ddp is not None else self.module
+        # The parameters whose gradients each step measures (FSDP's are its shards, the same
+        # objects the optimizer holds), listed once instead of walking the modules every step.
+        self._trainable = [p for p in self.module.parameters() if p.requires_grad]
+        self._one_device_dtype = len({(p.device, p.dtype) for p in self._trainable}) == 1
         self.model: nn.Module = torch.compile(wrapped) if config.train.compile else wrapped
 
         # From here on each rank draws its own stream (dropout, augmentation).
@@ -582,13 +586,14 @@ class Trainer:
                 # The mean over micro-batches; no extra autograd node when there is one.
                 self.precision.backward(loss / accum if accum > 1 else loss)
             micro_losses.append(loss.detach())
-        # Summed in float64 on the device: no host sync, no rounding drift over a long log window.
-        step_loss = (micro_losses[0].double() if accum == 1
-                     else torch.stack(micro_losses).double().sum())
+        # Summed in float64 on the device: no host sync, no rounding drift over a long log
+        # window. One micro-batch's loss is added into the float64 sums as it is (the
+        # in-place add promotes it exactly as .double() would, one op fewer).
+        step_loss = micro_losses[0] if accum == 1 else torch.stack(micro_losses).double().sum()
         if self._tokens_per_sample is None:
             self._tokens_per_sample = _tokens_per_sample(inputs, self.task)
         self.precision.unscale_(self.optimizer)
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        grads = [p.grad for p in self._trainable if p.grad is not None]
         grad_norm = self._grad_norm(grads)
         if self._capture and self.config.debug.layer_grad_norms:
             self._layer_norms = layer_grad_norms(self.module)
@@ -621,6 +626,11 @@ class Trainer:
             from ddp_train.sharding import global_grad_norm
 
             return global_grad_norm(grads)
+        if self._one_device_dtype:
+            # get_total_norm's own two ops, without its per-call grouping of the tensors by
+            # device and dtype (Python that ran every step, a quarter of a tiny model's
+            # overhead): all gradients share the parameters' one device and dtype.
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         return torch.nn.utils.get_total_norm(grads)
 
     def _step_is_finite(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
@@ -632,18 +642,18 @@ class Trainer:
         alone only at world size 1. Under fp16 the grad scaler owns overflowing gradients
         (it skips the step and lowers the scale), so only the loss is watched.
         """
-        watched: list[tuple[str, torch.Tensor]] = []
-        if self.env.world_size == 1:
-            watched.append(("loss", step_loss))
-        if self.precision.scaler is None:
-            watched.append(("gradient norm", grad_norm))
-        # One host sync per step: a sum is finite exactly when all its terms are (the
-        # float64 sum of a loss and a float32 norm cannot overflow).
-        if not watched or bool(torch.isfinite(sum(value for _, value in watched))):
+        # Scalars read on the host with .item(): no tensor ops; on CUDA the first read is the
+        # step's one sync.
+        bad = []
+        if self.env.world_size == 1 and not math.isfinite(step_loss.item()):
+            bad.append("loss")
+        if self.precision.scaler is None and not math.isfinite(grad_norm.item()):
+            bad.append("gradient norm")
+        if not bad:
             self.progress.nonfinite_in_a_row = 0
             return True
         progress, train = self.progress, self.config.train
-        what = " and ".join(name for name, value in watched if not torch.isfinite(value))
+        what = " and ".join(bad)
         step = progress.global_step + 1
         progress.nonfinite_skips += 1
         progress.nonfinite_in_a_row += 1
