@@ -29,24 +29,10 @@ fi
 
 : "${NNODES:?set NNODES (see $0 -h)}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}"
 
-gpu_count() {
-    # What torch will see: CUDA_VISIBLE_DEVICES narrows the GPUs nvidia-smi lists.
-    if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
-        local devices
-        IFS=, read -ra devices <<<"$CUDA_VISIBLE_DEVICES"
-        echo "${#devices[@]}"
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        # grep -c prints 0 and exits 1 when nothing matches: that is a valid answer here.
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-    else
-        echo 0
-    fi
-}
+# shellcheck source=launch/torchrun_command.bash
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/torchrun_command.bash"
 
-if [[ -z ${NPROC:-} ]]; then
-    NPROC=$(gpu_count)
-    ((NPROC > 0)) || NPROC=2
-fi
+NPROC=${NPROC:-$(default_nproc)}
 
 # c10d picks the store host by matching MASTER_ADDR against this machine's names, which
 # is ambiguous when several agents share a machine or MASTER_ADDR is a loopback or
@@ -62,10 +48,4 @@ cmd=("${PYTHON:-python3}" -m torch.distributed.run
      --rdzv-id="${RDZV_ID:-ddp_train}" --rdzv-conf="is_host=$is_host"
      --max-restarts="${MAX_RESTARTS:-0}"
      -m ddp_train "$@")
-printf '+' >&2
-printf ' %q' "${cmd[@]}" >&2
-echo >&2
-if [[ ${DRY_RUN:-0} != 0 ]]; then
-    exit 0
-fi
-exec "${cmd[@]}"
+run_command "${cmd[@]}"

@@ -18,32 +18,11 @@ if [[ ${1:-} == -h || ${1:-} == --help ]]; then
     exit 0
 fi
 
-gpu_count() {
-    # What torch will see: CUDA_VISIBLE_DEVICES narrows the GPUs nvidia-smi lists.
-    if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
-        local devices
-        IFS=, read -ra devices <<<"$CUDA_VISIBLE_DEVICES"
-        echo "${#devices[@]}"
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        # grep -c prints 0 and exits 1 when nothing matches: that is a valid answer here.
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-    else
-        echo 0
-    fi
-}
+# shellcheck source=launch/torchrun_command.bash
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/torchrun_command.bash"
 
-if [[ -z ${NPROC:-} ]]; then
-    NPROC=$(gpu_count)
-    # Without GPUs, 2 CPU workers (gloo): enough to exercise DDP on any machine.
-    ((NPROC > 0)) || NPROC=2
-fi
+NPROC=${NPROC:-$(default_nproc)}
 
 cmd=("${PYTHON:-python3}" -m torch.distributed.run --standalone --nproc-per-node="$NPROC"
      -m ddp_train "$@")
-printf '+' >&2
-printf ' %q' "${cmd[@]}" >&2
-echo >&2
-if [[ ${DRY_RUN:-0} != 0 ]]; then
-    exit 0
-fi
-exec "${cmd[@]}"
+run_command "${cmd[@]}"
