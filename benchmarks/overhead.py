@@ -8,12 +8,20 @@ What is measured, in each of 2 spawned ranks (one intra-op thread each; gloo on 
   data, batch, AdamW settings and LR schedule;
 * ``hand+<extra>``: the hand loop plus one of ddp_train's per-step additions at a time
   (:data:`loops.EXTRAS`), ``hand-scheduler`` without ``scheduler.step()`` (extra (d)),
-  and ``hand+all`` with every addition at once.
+  and ``hand+all`` with every addition at once;
+* ``hand_twin``: a second, identical hand loop, the A/A control: what it differs from
+  ``hand`` by is what this harness cannot tell apart on this machine.
 
-Every variant has its own model, optimizer and DataLoader (built from the same seed), all
-in one process group. They run in blocks of K steps, all variants once per round, in an
-order shuffled every round (the same on both ranks), after a warm-up round; ranks meet at
-a barrier before every block. A step's time is the interval between the starts of two
+Every variant steps the same objects: the Trainer's own DDP model, AdamW optimizer, LR
+scheduler and DataLoader, which the hand-written loops borrow (``HandLoop(borrow=...)``).
+Separately built but identical loops differ by 5-35% on this 2-vCPU machine, an offset
+that stays put for the life of the process (where each loop's tensors landed in memory),
+far more than the overheads measured; on shared objects what differs is the code path
+alone. They run in blocks of K steps, all variants once per round, in an order shuffled
+every round (the same on both ranks), after a warm-up round; ranks meet at a barrier
+before every block. The whole measurement is repeated in R replicas, each a fresh pair
+of processes with its own round orders, so what stays put within a process (thread
+placement, say) shows in the intervals too. A step's time is the interval between the starts of two
 consecutive steps of a block (a :class:`~common.StepClock` on every variant, on the
 Trainer through its ``_optimizer_step``), so it holds data loading, the step and the
 loop's own bookkeeping; ``fit()``'s per-call costs (start, end-of-run loss reduction,
@@ -21,9 +29,10 @@ loop's own bookkeeping; ``fit()``'s per-call costs (start, end-of-run loss reduc
 from whole-block times. Interleaving puts drift of the machine on every variant alike;
 medians resist the outliers of a shared machine.
 
-``overhead_ratio`` = median step of ``trainer`` / median step of ``hand``. An extra's
-added time = median step of ``hand+extra`` − median step of ``hand``; its 95% interval
-comes from resampling whole rounds (:func:`common.paired_bootstrap`). Each extra is also
+``overhead_ratio`` = median step of ``trainer`` / median step of ``hand``, all replicas
+pooled. An extra's added time = median step of ``hand+extra`` − median step of
+``hand``; 95% intervals come from resampling replicas, then whole rounds within them
+(:func:`common.paired_bootstrap`). Each extra is also
 timed alone in a tight loop (``isolated_us``), which resolves costs far below the noise
 of a whole step.
 """
@@ -51,7 +60,8 @@ GOALS: dict[str, float] = {"tiny_mlp": 1.03, "mid_gpt": 1.01}
 
 def variants() -> dict[str, dict[str, Any]]:
     """Variant name -> HandLoop keyword arguments (``trainer`` is the Trainer itself)."""
-    table: dict[str, dict[str, Any]] = {"hand": {}, "hand-scheduler": {"scheduler": False}}
+    table: dict[str, dict[str, Any]] = {"hand": {}, "hand_twin": {},
+                                        "hand-scheduler": {"scheduler": False}}
     table.update({f"hand+{extra}": {"extras": (extra,)} for extra in EXTRAS})
     table["hand+all"] = {"extras": tuple(EXTRAS)}
     return table
@@ -113,18 +123,22 @@ def isolated_costs(loop: HandLoop, calls: int, batches: int) -> dict[str, float]
 
 
 def _measure_workload(workload: Workload, rank: int, world_size: int, device: torch.device,
-                      steps_per_block: int, rounds: int, output_dir: str) -> dict[str, Any]:
+                      steps_per_block: int, rounds: int, output_dir: str, replica: int
+                      ) -> dict[str, Any]:
     dataset = workload.build_dataset(world_size)
     total_steps = steps_per_block * (rounds + 1)
+    # DDP also at world size 1 (one GPU): the hand-written loops borrow its DDP model.
+    trainer = TrainerLoop(workload, dataset, device, output_dir, f"overhead_{workload.name}",
+                          total_steps, ["train.strategy=ddp"])
     loops: dict[str, HandLoop | TrainerLoop] = {
-        name: HandLoop(workload, dataset, device, rank, world_size, total_steps, **kwargs)
+        name: HandLoop(workload, dataset, device, rank, world_size, total_steps, **kwargs,
+                       borrow=trainer.trainer)
         for name, kwargs in variants().items()}
-    loops["trainer"] = TrainerLoop(workload, dataset, device, output_dir, f"overhead_{workload.name}",
-                                   total_steps)
+    loops["trainer"] = trainer
     names = list(loops)
     intervals: dict[str, list[list[float]]] = {name: [] for name in names}
     blocks: dict[str, list[float]] = {name: [] for name in names}
-    for index, order in enumerate([names] + shuffled_rounds(names, rounds)):
+    for index, order in enumerate([names] + shuffled_rounds(names, rounds, seed=replica)):
         for name in order:
             loop = loops[name]
             dist.barrier()
@@ -137,32 +151,40 @@ def _measure_workload(workload: Workload, rank: int, world_size: int, device: to
             if index > 0:  # round 0 is the warm-up
                 intervals[name].append(steps)
                 blocks[name].append(seconds)
-    hand_loop = loops["hand+all"]
-    assert isinstance(hand_loop, HandLoop)
-    isolated = isolated_costs(hand_loop, calls=200 if workload.kind == "gpt" else 1000, batches=9)
+    isolated = None
+    if replica == 0:  # tight loops resolve microseconds in one replica already
+        hand_loop = loops["hand+all"]
+        assert isinstance(hand_loop, HandLoop)
+        isolated = isolated_costs(hand_loop, calls=200 if workload.kind == "gpt" else 1000, batches=9)
     for loop in loops.values():
         loop.close()
     return {"intervals_s": intervals, "blocks_s": blocks, "isolated_us": isolated,
             "steps_per_block": steps_per_block, "rounds": rounds}
 
 
-def _rank_main(rank: int, world_size: int, device_type: str, plan: list[tuple[Workload, int, int]]
-               ) -> dict[str, Any] | None:
+def _rank_main(rank: int, world_size: int, device_type: str, plan: list[tuple[Workload, int, int]],
+               replica: int) -> dict[str, Any] | None:
     device = rank_device(device_type, rank)
     init_process_group(rank, world_size, device)
     results = {}
     with tempfile.TemporaryDirectory(prefix="ddp_bench_runs_") as tmp:
         for workload, steps_per_block, rounds in plan:
             results[workload.name] = _measure_workload(workload, rank, world_size, device,
-                                                       steps_per_block, rounds, tmp)
+                                                       steps_per_block, rounds, tmp, replica)
     dist.barrier()
     dist.destroy_process_group()
     return results if rank == 0 else None
 
 
-def analyse(workload: Workload, raw: dict[str, Any]) -> dict[str, Any]:
-    """Medians, the overhead ratio, and the added time of every extra (rank 0's samples)."""
-    intervals: dict[str, list[list[float]]] = raw["intervals_s"]
+def analyse(workload: Workload, replicas: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians, the overhead ratio, and the added time of every extra (rank 0's samples of
+    every replica, pooled)."""
+    names = list(replicas[0]["intervals_s"])
+    intervals = {name: [block for raw in replicas for block in raw["intervals_s"][name]]
+                 for name in names}
+    blocks_s = {name: [block for raw in replicas for block in raw["blocks_s"][name]] for name in names}
+    clusters = [index for index, raw in enumerate(replicas) for _ in raw["intervals_s"]["hand"]]
+    isolated: dict[str, float] = replicas[0]["isolated_us"]
     flat = {name: [x for block in rounds for x in block] for name, rounds in intervals.items()}
     med = {name: median(values) for name, values in flat.items()}
     hand, trainer = med["hand"], med["trainer"]
@@ -181,31 +203,44 @@ def analyse(workload: Workload, raw: dict[str, Any]) -> dict[str, Any]:
     rows.append(("rest_of_trainer", "trainer", "hand+all",
                  "what the Trainer adds beyond them: to_device, precision wrappers, fit's loop "
                  "bookkeeping"))
+    rows.append(("a_a_control", "hand_twin", "hand",
+                 "A/A control: a second, identical hand-written loop (true difference 0)"))
     for key, with_it, without, description in rows:
-        low, high = paired_bootstrap(intervals[with_it], intervals[without], added)
+        low, high = paired_bootstrap(intervals[with_it], intervals[without], added, clusters=clusters)
         breakdown[key] = {"description": description, "with": with_it, "without": without,
                           "added_us": (med[with_it] - med[without]) * 1e6,
                           "added_pct_of_hand_step": (med[with_it] - med[without]) / hand * 100,
                           "ci95_us": [low, high],
-                          "isolated_us": raw["isolated_us"].get(key)}
-    steps = raw["steps_per_block"]
-    block_med = {name: median(values) for name, values in raw["blocks_s"].items()}
+                          "isolated_us": isolated.get(key)}
+    steps = replicas[0]["steps_per_block"]
+    block_med = {name: median(values) for name, values in blocks_s.items()}
 
     def _outside_steps(name: str) -> float:
         """Median time per block spent outside its K steps (the K−1 intervals scaled to K)."""
         return median([block - sum(block_intervals) * steps / (steps - 1)
-                       for block, block_intervals in zip(raw["blocks_s"][name], intervals[name])])
+                       for block, block_intervals in zip(blocks_s[name], intervals[name])])
 
-    ratio_ci = paired_bootstrap(intervals["trainer"], intervals["hand"], ratio)
+    def replica_ratio(raw: dict[str, Any], name: str) -> float:
+        def pooled(variant: str) -> list[float]:
+            return [x for block in raw["intervals_s"][variant] for x in block]
+        return median(pooled(name)) / median(pooled("hand"))
+
+    ratio_ci = paired_bootstrap(intervals["trainer"], intervals["hand"], ratio, clusters=clusters)
+    null_ci = paired_bootstrap(intervals["hand_twin"], intervals["hand"], ratio, clusters=clusters)
     return {
         "workload": workload.describe(),
-        "steps_per_block": steps, "rounds": raw["rounds"],
+        "steps_per_block": steps, "rounds": replicas[0]["rounds"], "replicas": len(replicas),
         "intervals_per_variant": len(flat["hand"]),
         "step_s": {name: summarize(values) for name, values in flat.items()},
         "samples_s": intervals,
-        "blocks_s": raw["blocks_s"],
+        "blocks_s": blocks_s,
         "overhead_ratio": trainer / hand,
         "overhead_ratio_ci95": list(ratio_ci),
+        "overhead_ratio_per_replica": [replica_ratio(raw, "trainer") for raw in replicas],
+        # Two identical loops: how far apart this harness puts equal code (ideally 1).
+        "a_a_ratio": med["hand_twin"] / hand,
+        "a_a_ratio_ci95": list(null_ci),
+        "a_a_ratio_per_replica": [replica_ratio(raw, "hand_twin") for raw in replicas],
         "goal": GOALS.get(workload.name),
         "goal_met": trainer / hand <= GOALS[workload.name] if workload.name in GOALS else None,
         # Met with 95% confidence: the whole interval below the goal.
@@ -218,7 +253,10 @@ def analyse(workload: Workload, raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(workloads: list[tuple[Workload, int, int]], device_type: str = "cpu",
-        world_size: int = 2) -> dict[str, Any]:
-    """Measure every ``(workload, steps_per_block, rounds)``; the analysed results by name."""
-    raw = spawn_ranks(_rank_main, world_size, device_type, workloads)[0]
-    return {workload.name: analyse(workload, raw[workload.name]) for workload, _, _ in workloads}
+        world_size: int = 2, replicas: int = 1) -> dict[str, Any]:
+    """Measure every ``(workload, steps_per_block, rounds)`` in ``replicas`` fresh process
+    groups; the analysed results by name."""
+    raws = [spawn_ranks(_rank_main, world_size, device_type, workloads, replica)[0]
+            for replica in range(replicas)]
+    return {workload.name: analyse(workload, [raw[workload.name] for raw in raws])
+            for workload, _, _ in workloads}

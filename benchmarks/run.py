@@ -50,14 +50,15 @@ SECTIONS = ("overhead", "accumulation", "checkpoint", "scaling", "fsdp_memory", 
             "startup", "projection", "gpu")
 PLANS: dict[str, dict[str, Any]] = {
     # (steps per block, rounds) per workload; other sizes per section.
-    "quick": {"overhead": {"tiny_mlp": (30, 10), "mid_gpt": (6, 5)},
+    # overhead: (steps per block, rounds) in each of overhead_replicas fresh process pairs.
+    "quick": {"overhead": {"tiny_mlp": (30, 4), "mid_gpt": (6, 2)}, "overhead_replicas": 3,
               "accumulation": {"tiny_mlp": (5, 4), "mid_gpt": (2, 3)},
               "checkpoint_repeats": 3,
               "scaling": {"steps_per_block": 6, "blocks": 4, "repeats": 1},
               "fsdp_memory": {"repeats": 1, "steps_per_block": 6, "blocks": 3},
               "bandwidth_repeats": 8, "startup_repeats": 3, "startup_torchrun": False,
               "gpu": {"steps": 20, "warmup": 10}},
-    "full": {"overhead": {"tiny_mlp": (40, 40), "mid_gpt": (10, 20)},
+    "full": {"overhead": {"tiny_mlp": (40, 10), "mid_gpt": (10, 5)}, "overhead_replicas": 4,
              "accumulation": {"tiny_mlp": (10, 10), "mid_gpt": (4, 8)},
              "checkpoint_repeats": 7,
              "scaling": {"steps_per_block": 10, "blocks": 8, "repeats": 2},
@@ -84,7 +85,8 @@ def _workload_plan(plan: dict[str, tuple[int, int]]) -> list[tuple[Any, int, int
 
 def run_overhead(plan: dict[str, Any], device: str, done: dict[str, Any]) -> dict[str, Any]:
     import overhead
-    return overhead.run(_workload_plan(plan["overhead"]), device, _world_size(device))
+    return overhead.run(_workload_plan(plan["overhead"]), device, _world_size(device),
+                        plan["overhead_replicas"])
 
 
 def run_accumulation(plan: dict[str, Any], device: str, done: dict[str, Any]) -> dict[str, Any]:
@@ -216,6 +218,9 @@ def markdown(results: dict[str, Any]) -> str:
                "not resolved (the interval contains the goal)")
         lines.append(f"| `overhead_ratio` {name} | {ratio:.3f} (95% CI {low:.3f} to {high:.3f}) | "
                      f"≤ {data['goal']} | {met} |")
+        low, high = data["a_a_ratio_ci95"]
+        lines.append(f"| A/A control {name}: identical loops | {data['a_a_ratio']:.3f} "
+                     f"(95% CI {low:.3f} to {high:.3f}) | 1 | |")
     for name, count in head.get("allreduce_per_optimizer_step", {}).items():
         buckets = head["buckets_per_optimizer_step"][name]
         lines.append(f"| `allreduce_per_optimizer_step` {name} (accum 4) | {count:g} "
@@ -246,7 +251,11 @@ def markdown(results: dict[str, Any]) -> str:
                   f"batch {data['workload']['batch_size_per_rank']} per rank, 2 ranks): median step "
                   f"hand-written {steps['hand']['median'] * 1e6:,.0f} µs, ddp_train "
                   f"{steps['trainer']['median'] * 1e6:,.0f} µs; {data['intervals_per_variant']} steps "
-                  f"per variant ({data['rounds']} rounds × {data['steps_per_block'] - 1} intervals).", "",
+                  f"per variant ({data['replicas']} replicas × {data['rounds']} rounds × "
+                  f"{data['steps_per_block'] - 1} intervals). Ratio per replica: "
+                  + ", ".join(f"{r:.3f}" for r in data["overhead_ratio_per_replica"])
+                  + "; A/A control per replica: "
+                  + ", ".join(f"{r:.3f}" for r in data["a_a_ratio_per_replica"]) + ".", "",
                   "| extra | added µs per step (95% CI) | % of the hand-written step "
                   "| alone, µs per call |",
                   "|---|---|---|---|"]
