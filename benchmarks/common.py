@@ -188,29 +188,39 @@ def trainer_overrides(workload: Workload, output_dir: str, name: str, device: to
 
 
 class StepClock:
-    """Timestamps taken at the start of every step; the intervals are whole-step times.
+    """Timestamps taken at the start and the end of every step.
 
     The interval between two consecutive step starts contains everything a loop does per
-    step (data loading, the step, the bookkeeping around it), and nothing else; the same
-    clock is put on every compared loop, so its own cost (one ``perf_counter`` and one
-    ``append``, well under a µs) is paid alike.
+    step (data loading, the step, the bookkeeping around it), and nothing else; the gap
+    from a step's end to the next one's start is the loop's own bookkeeping. The same
+    clock is put on every compared loop, so its own cost (a ``perf_counter`` and an
+    ``append`` per mark, well under a µs) is paid alike.
     """
 
     def __init__(self) -> None:
         self.marks: list[float] = []
+        self.ends: list[float] = []
 
     def tick(self) -> None:
         """Mark the start of a step."""
         self.marks.append(time.perf_counter())
 
+    def done(self) -> None:
+        """Mark the end of the step last started."""
+        self.ends.append(time.perf_counter())
+
+    def gaps(self) -> list[float]:
+        """End-to-next-start times of the steps marked since ``intervals()`` was last called."""
+        return [start - end for end, start in zip(self.ends, self.marks[1:])]
+
     def intervals(self) -> list[float]:
         """Start-to-start times of the steps marked since the last call; then forgets them."""
-        marks, self.marks = self.marks, []
+        marks, self.marks, self.ends = self.marks, [], []
         return [b - a for a, b in zip(marks, marks[1:])]
 
 
 def time_trainer_steps(trainer: Any, clock: StepClock) -> None:
-    """Make ``clock`` tick at the start of each of ``trainer``'s optimizer steps.
+    """Make ``clock`` mark the start and end of each of ``trainer``'s optimizer steps.
 
     Wraps the bound ``_optimizer_step`` of this instance (the hot loop), nothing else.
     """
@@ -218,7 +228,9 @@ def time_trainer_steps(trainer: Any, clock: StepClock) -> None:
 
     def ticking(batches: Iterator[Any]) -> Any:
         clock.tick()
-        return step(batches)
+        result = step(batches)
+        clock.done()
+        return result
 
     trainer._optimizer_step = ticking
 

@@ -21,12 +21,13 @@ from common import StepClock, Workload, run_trainer_steps, time_trainer_steps, t
 from ddp_train import Trainer
 from ddp_train.config import DistConfig, load_config
 from ddp_train.data import ResumableSampler
+from ddp_train.grad_norm import GradNorm
 from ddp_train.distributed import DistEnv
 from ddp_train.optim import WarmupSchedule
 from ddp_train.preemption import PreemptionWatch
 
 EXTRAS: dict[str, str] = {
-    "grad_norm": "(a) global gradient norm: vector_norm(stack(_foreach_norm(grads)))",
+    "grad_norm": "(a) global gradient norm (GradNorm: over DDP's flat buckets)",
     "finite_check": "(b) math.isfinite(norm.item()): the norm read on the host",
     "preempt_allreduce": "(c) PreemptionWatch.agreed(): async all-reduce of the stop flag "
                          "every ~0.2 s, read at the next agreement",
@@ -84,6 +85,7 @@ class HandLoop:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer, WarmupSchedule("cosine", 10, total_steps, 0.0, 100, 0.1))
         self.params = list(self.module.parameters())
+        self.gradient_norm = GradNorm(self.params)
         self.use_scheduler = scheduler
         self.accum, self.no_sync = accum, no_sync
         self.grad_norm, self.finite_check = "grad_norm" in extras, "finite_check" in extras
@@ -107,13 +109,18 @@ class HandLoop:
             epoch += 1
 
     def run(self, steps: int) -> None:
-        """``steps`` optimizer steps, the clock ticking at the start of each."""
+        """``steps`` optimizer steps, the clock marking the start and end of each."""
         with PreemptionWatch(self.env) if self.preempt else nullcontext() as watch:
             for _ in range(steps):
                 self.clock.tick()
                 self._step(watch)
+                self.clock.done()
             if watch is not None:
                 watch.drain()
+
+    def step(self) -> None:
+        """One optimizer step alone (without the preemption extra, which lives in ``run``)."""
+        self._step(None)
 
     def forward_loss(self) -> torch.Tensor:
         """Load the next micro-batch, move it to the device, forward it; the loss."""
@@ -139,8 +146,7 @@ class HandLoop:
                          else torch.stack(micro_losses).double().sum())
         norm = None
         if self.grad_norm:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
-                [p.grad for p in self.params if p.grad is not None])))
+            norm = self.gradient_norm([p.grad for p in self.params if p.grad is not None])
         finite = True
         if self.finite_check:
             finite = math.isfinite((norm if norm is not None else loss).item())
@@ -178,11 +184,25 @@ class TrainerLoop:
         self.trainer = Trainer(config, model=workload.build_model(), train_dataset=dataset,
                                val_dataset=None, loss_fn=loss_fn)
         self.clock = StepClock()
+        self._step_code = self.trainer._optimizer_step  # the step itself, before the clock
         time_trainer_steps(self.trainer, self.clock)
+        self._batches: Iterator[Any] | None = None
 
     def run(self, steps: int) -> None:
         """``steps`` optimizer steps in one ``fit()`` call."""
         run_trainer_steps(self.trainer, steps)
+
+    def step(self) -> None:
+        """One optimizer step of the Trainer's own step code (what ``fit()`` calls each step),
+        alone: ``fit()``'s per-step bookkeeping around it is not in it."""
+        if self._batches is None:
+            self._batches = self._forever()
+        self._step_code(self._batches)
+
+    def _forever(self) -> Iterator[Any]:
+        self.trainer.module.train()
+        while True:
+            yield from self.trainer._epoch_batches()
 
     def close(self) -> None:
         """``Trainer.close()``: drops DDP; the caller's process group stays."""

@@ -40,6 +40,7 @@ of a whole step.
 from __future__ import annotations
 
 import math
+import random
 import tempfile
 import time
 import warnings
@@ -99,8 +100,7 @@ def isolated_costs(loop: HandLoop, calls: int, batches: int) -> dict[str, float]
                                                                         100, 0.1))
 
     def grad_norm() -> None:
-        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
-            [p.grad for p in loop.params if p.grad is not None])))
+        loop.gradient_norm([p.grad for p in loop.params if p.grad is not None])
 
     def finite_check() -> None:
         math.isfinite(norm.item())
@@ -122,9 +122,39 @@ def isolated_costs(loop: HandLoop, calls: int, batches: int) -> dict[str, float]
     return costs
 
 
+PAIRED = ("hand", "hand_twin", "hand+all", "trainer")
+"""The loops whose single steps are interleaved one by one (``paired_steps``)."""
+
+
+def paired_steps(loops: dict[str, HandLoop | TrainerLoop], iterations: int, seed: int,
+                 device: torch.device) -> dict[str, list[float]]:
+    """Seconds of single optimizer steps of the :data:`PAIRED` loops, one step of each per
+    iteration in an order shuffled every iteration (the same on every rank).
+
+    Neighbouring steps share the machine's state, which flips between fast and slow for
+    whole blocks of steps here, so the difference of two loops' steps in the same
+    iteration resolves microseconds that block medians cannot. The Trainer's step is its
+    ``_optimizer_step`` (``fit()``'s bookkeeping between steps is measured from the block
+    runs instead); the hand loops' steps leave out the preemption extra.
+    """
+    rng = random.Random(seed)
+    times: dict[str, list[float]] = {name: [] for name in PAIRED}
+    for _ in range(iterations):
+        order = list(PAIRED)
+        rng.shuffle(order)
+        for name in order:
+            loop = loops[name]
+            synchronize(device)
+            start = time.perf_counter()
+            loop.step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def _measure_workload(workload: Workload, rank: int, world_size: int, device: torch.device,
-                      steps_per_block: int, rounds: int, output_dir: str, replica: int
-                      ) -> dict[str, Any]:
+                      steps_per_block: int, rounds: int, output_dir: str, replica: int,
+                      pairs: int) -> dict[str, Any]:
     dataset = workload.build_dataset(world_size)
     total_steps = steps_per_block * (rounds + 1)
     # DDP also at world size 1 (one GPU): the hand-written loops borrow its DDP model.
@@ -137,6 +167,7 @@ def _measure_workload(workload: Workload, rank: int, world_size: int, device: to
     loops["trainer"] = trainer
     names = list(loops)
     intervals: dict[str, list[list[float]]] = {name: [] for name in names}
+    gaps: dict[str, list[list[float]]] = {name: [] for name in names}
     blocks: dict[str, list[float]] = {name: [] for name in names}
     for index, order in enumerate([names] + shuffled_rounds(names, rounds, seed=replica)):
         for name in order:
@@ -147,10 +178,14 @@ def _measure_workload(workload: Workload, rank: int, world_size: int, device: to
             loop.run(steps_per_block)
             synchronize(device)
             seconds = time.perf_counter() - start
+            between = loop.clock.gaps()
             steps = loop.clock.intervals()
             if index > 0:  # round 0 is the warm-up
                 intervals[name].append(steps)
+                gaps[name].append(between)
                 blocks[name].append(seconds)
+    dist.barrier()
+    paired = paired_steps(loops, pairs, replica, device)
     isolated = None
     if replica == 0:  # tight loops resolve microseconds in one replica already
         hand_loop = loops["hand+all"]
@@ -158,19 +193,19 @@ def _measure_workload(workload: Workload, rank: int, world_size: int, device: to
         isolated = isolated_costs(hand_loop, calls=200 if workload.kind == "gpt" else 1000, batches=9)
     for loop in loops.values():
         loop.close()
-    return {"intervals_s": intervals, "blocks_s": blocks, "isolated_us": isolated,
-            "steps_per_block": steps_per_block, "rounds": rounds}
+    return {"intervals_s": intervals, "gaps_s": gaps, "blocks_s": blocks, "paired_s": paired,
+            "isolated_us": isolated, "steps_per_block": steps_per_block, "rounds": rounds}
 
 
-def _rank_main(rank: int, world_size: int, device_type: str, plan: list[tuple[Workload, int, int]],
-               replica: int) -> dict[str, Any] | None:
+def _rank_main(rank: int, world_size: int, device_type: str,
+               plan: list[tuple[Workload, int, int, int]], replica: int) -> dict[str, Any] | None:
     device = rank_device(device_type, rank)
     init_process_group(rank, world_size, device)
     results = {}
     with tempfile.TemporaryDirectory(prefix="ddp_bench_runs_") as tmp:
-        for workload, steps_per_block, rounds in plan:
+        for workload, steps_per_block, rounds, pairs in plan:
             results[workload.name] = _measure_workload(workload, rank, world_size, device,
-                                                       steps_per_block, rounds, tmp, replica)
+                                                       steps_per_block, rounds, tmp, replica, pairs)
     dist.barrier()
     dist.destroy_process_group()
     return results if rank == 0 else None
@@ -225,6 +260,7 @@ def analyse(workload: Workload, replicas: list[dict[str, Any]]) -> dict[str, Any
             return [x for block in raw["intervals_s"][variant] for x in block]
         return median(pooled(name)) / median(pooled("hand"))
 
+    paired = paired_analysis(replicas)
     ratio_ci = paired_bootstrap(intervals["trainer"], intervals["hand"], ratio, clusters=clusters)
     null_ci = paired_bootstrap(intervals["hand_twin"], intervals["hand"], ratio, clusters=clusters)
     return {
@@ -249,14 +285,60 @@ def analyse(workload: Workload, replicas: list[dict[str, Any]]) -> dict[str, Any
         "fit_block_ratio": block_med["trainer"] / block_med["hand"],
         "fit_call_fixed_cost_s": _outside_steps("trainer") - _outside_steps("hand"),
         "breakdown": breakdown,
+        "paired": paired,
+        "overhead_ratio_paired": paired["overhead_ratio"],
+        "overhead_ratio_paired_ci95": paired["overhead_ratio_ci95"],
     }
 
 
-def run(workloads: list[tuple[Workload, int, int]], device_type: str = "cpu",
+def paired_analysis(replicas: list[dict[str, Any]]) -> dict[str, Any]:
+    """The step-by-step comparison: medians of same-iteration differences, and the ratio.
+
+    ``overhead_ratio`` = 1 + (the Trainer's step − the hand-written step, paired) + (the
+    Trainer's median gap between steps in ``fit()`` − the hand loop's, from the block runs),
+    over the hand-written step plus its gap. Its interval adds the two parts' interval
+    ends (conservative: as if they never cancelled).
+    """
+    clusters = [index for index, raw in enumerate(replicas) for _ in raw["paired_s"]["hand"]]
+    steps = {name: [[x] for raw in replicas for x in raw["paired_s"][name]] for name in PAIRED}
+
+    def difference(a: list[float], b: list[float]) -> float:
+        return median([x - y for x, y in zip(a, b)]) * 1e6
+
+    def flat(name: str) -> list[float]:
+        return [x for (x,) in steps[name]]
+
+    comparisons = {"trainer_vs_hand": ("trainer", "hand"), "extras": ("hand+all", "hand"),
+                   "rest_of_trainer_step": ("trainer", "hand+all"), "a_a_control": ("hand_twin", "hand")}
+    out: dict[str, Any] = {"iterations": len(clusters), "step_s": {n: summarize(flat(n)) for n in PAIRED}}
+    for key, (a, b) in comparisons.items():
+        out[key] = {"with": a, "without": b, "added_us": difference(flat(a), flat(b)),
+                    "ci95_us": list(paired_bootstrap(steps[a], steps[b], difference, clusters=clusters))}
+    gap_rounds = {name: [block for raw in replicas for block in raw["gaps_s"][name]]
+                  for name in ("trainer", "hand")}
+    gap_clusters = [index for index, raw in enumerate(replicas) for _ in raw["gaps_s"]["hand"]]
+    gap_med = {name: median([x for block in rounds for x in block]) for name, rounds in gap_rounds.items()}
+    out["loop_bookkeeping"] = {
+        "trainer_gap_us": gap_med["trainer"] * 1e6, "hand_gap_us": gap_med["hand"] * 1e6,
+        "added_us": (gap_med["trainer"] - gap_med["hand"]) * 1e6,
+        "ci95_us": list(paired_bootstrap(
+            gap_rounds["trainer"], gap_rounds["hand"],
+            lambda a, b: (median(a) - median(b)) * 1e6, clusters=gap_clusters))}
+    hand_total = median(flat("hand")) * 1e6 + out["loop_bookkeeping"]["hand_gap_us"]
+    added = out["trainer_vs_hand"]["added_us"] + out["loop_bookkeeping"]["added_us"]
+    low = out["trainer_vs_hand"]["ci95_us"][0] + out["loop_bookkeeping"]["ci95_us"][0]
+    high = out["trainer_vs_hand"]["ci95_us"][1] + out["loop_bookkeeping"]["ci95_us"][1]
+    out.update({"hand_step_us": hand_total, "added_us": added,
+                "overhead_ratio": 1 + added / hand_total,
+                "overhead_ratio_ci95": [1 + low / hand_total, 1 + high / hand_total]})
+    return out
+
+
+def run(workloads: list[tuple[Workload, int, int, int]], device_type: str = "cpu",
         world_size: int = 2, replicas: int = 1) -> dict[str, Any]:
-    """Measure every ``(workload, steps_per_block, rounds)`` in ``replicas`` fresh process
-    groups; the analysed results by name."""
+    """Measure every ``(workload, steps_per_block, rounds, paired iterations)`` in
+    ``replicas`` fresh process groups; the analysed results by name."""
     raws = [spawn_ranks(_rank_main, world_size, device_type, workloads, replica)[0]
             for replica in range(replicas)]
     return {workload.name: analyse(workload, [raw[workload.name] for raw in raws])
-            for workload, _, _ in workloads}
+            for workload, *_ in workloads}

@@ -50,15 +50,16 @@ SECTIONS = ("overhead", "accumulation", "checkpoint", "scaling", "fsdp_memory", 
             "startup", "projection", "gpu")
 PLANS: dict[str, dict[str, Any]] = {
     # (steps per block, rounds) per workload; other sizes per section.
-    # overhead: (steps per block, rounds) in each of overhead_replicas fresh process pairs.
-    "quick": {"overhead": {"tiny_mlp": (30, 4), "mid_gpt": (6, 2)}, "overhead_replicas": 3,
+    # overhead: (steps per block, rounds, paired iterations) in each of overhead_replicas
+    # fresh process pairs.
+    "quick": {"overhead": {"tiny_mlp": (30, 4, 150), "mid_gpt": (6, 2, 10)}, "overhead_replicas": 3,
               "accumulation": {"tiny_mlp": (5, 4), "mid_gpt": (2, 3)},
               "checkpoint_repeats": 3,
               "scaling": {"steps_per_block": 6, "blocks": 4, "repeats": 1},
               "fsdp_memory": {"repeats": 1, "steps_per_block": 6, "blocks": 3},
               "bandwidth_repeats": 8, "startup_repeats": 3, "startup_torchrun": False,
               "gpu": {"steps": 20, "warmup": 10}},
-    "full": {"overhead": {"tiny_mlp": (40, 10), "mid_gpt": (10, 5)}, "overhead_replicas": 4,
+    "full": {"overhead": {"tiny_mlp": (40, 10, 400), "mid_gpt": (10, 5, 30)}, "overhead_replicas": 4,
              "accumulation": {"tiny_mlp": (10, 10), "mid_gpt": (4, 8)},
              "checkpoint_repeats": 7,
              "scaling": {"steps_per_block": 10, "blocks": 8, "repeats": 2},
@@ -77,10 +78,10 @@ def _world_size(device: str) -> int:
     return min(2, torch.cuda.device_count()) if device == "cuda" else 2
 
 
-def _workload_plan(plan: dict[str, tuple[int, int]]) -> list[tuple[Any, int, int]]:
+def _workload_plan(plan: dict[str, tuple[int, ...]]) -> list[tuple[Any, ...]]:
     from common import MID, TINY
     workloads = {TINY.name: TINY, MID.name: MID}
-    return [(workloads[name], steps, rounds) for name, (steps, rounds) in plan.items()]
+    return [(workloads[name], *sizes) for name, sizes in plan.items()]
 
 
 def run_overhead(plan: dict[str, Any], device: str, done: dict[str, Any]) -> dict[str, Any]:
@@ -162,6 +163,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         out["overhead_goal"] = {name: data["goal"] for name, data in overhead.items()}
         out["overhead_goal_met"] = {name: data["goal_met"] for name, data in overhead.items()}
         out["overhead_goal_confirmed"] = {name: data["goal_confirmed"] for name, data in overhead.items()}
+        out["overhead_ratio_paired"] = {name: data["overhead_ratio_paired"] for name, data in overhead.items()}
     accumulation = results.get("accumulation", {})
     if accumulation:
         out["allreduce_per_optimizer_step"] = {
@@ -221,6 +223,12 @@ def markdown(results: dict[str, Any]) -> str:
         low, high = data["a_a_ratio_ci95"]
         lines.append(f"| A/A control {name}: identical loops | {data['a_a_ratio']:.3f} "
                      f"(95% CI {low:.3f} to {high:.3f}) | 1 | |")
+        low, high = data["overhead_ratio_paired_ci95"]
+        met = ("yes" if high <= data["goal"] else "no" if low > data["goal"] else
+               "not resolved (the interval contains the goal)")
+        lines.append(f"| `overhead_ratio_paired` {name}: step by step | "
+                     f"{data['overhead_ratio_paired']:.3f} (95% CI {low:.3f} to {high:.3f}) | "
+                     f"≤ {data['goal']} | {met} |")
     for name, count in head.get("allreduce_per_optimizer_step", {}).items():
         buckets = head["buckets_per_optimizer_step"][name]
         lines.append(f"| `allreduce_per_optimizer_step` {name} (accum 4) | {count:g} "
@@ -264,6 +272,17 @@ def markdown(results: dict[str, Any]) -> str:
             alone = f"{row['isolated_us']:.1f}" if row["isolated_us"] is not None else ""
             lines.append(f"| {row['description']} | {row['added_us']:+.1f} ({low:+.1f} to {high:+.1f}) | "
                          f"{row['added_pct_of_hand_step']:+.2f}% | {alone} |")
+        paired = data["paired"]
+        lines += ["", f"Step by step ({paired['iterations']} iterations, one step of each loop per "
+                      f"iteration, shuffled): µs added per step (95% CI): "
+                  + "; ".join(f"{key} ({paired[key]['with']} − {paired[key]['without']}) "
+                              f"{paired[key]['added_us']:+.1f} ({paired[key]['ci95_us'][0]:+.1f} to "
+                              f"{paired[key]['ci95_us'][1]:+.1f})"
+                              for key in ("trainer_vs_hand", "extras", "rest_of_trainer_step", "a_a_control"))
+                  + f"; `fit()`'s bookkeeping between steps {paired['loop_bookkeeping']['added_us']:+.1f} "
+                    f"({paired['loop_bookkeeping']['ci95_us'][0]:+.1f} to "
+                    f"{paired['loop_bookkeeping']['ci95_us'][1]:+.1f}) over the hand loop's "
+                    f"{paired['loop_bookkeeping']['hand_gap_us']:.1f}."]
         lines += ["", f"Whole `fit()` calls of {data['steps_per_block']} steps against "
                       f"{data['steps_per_block']} hand-written steps: ratio "
                       f"{data['fit_block_ratio']:.3f}; `fit()`'s fixed cost per call ≈ "

@@ -274,6 +274,8 @@ class DistConfig:
     """DDP gradient bucket size in MiB."""
     find_unused_parameters: bool = False
     """DDP: allow parameters that get no gradient in some steps (costs a graph traversal)."""
+    gradient_as_bucket_view: bool = True
+    """DDP: gradients are views into the all-reduce buckets (no copy, less memory); false if code detach_()es .grad."""
     preemption_sync_s: float = 0.2
     """Seconds between the ranks' checks for a preemption signal (0: after every step)."""
 

@@ -35,6 +35,7 @@ from ddp_train.distributed import DistEnv
 from ddp_train.early_stopping import EarlyStopping
 from ddp_train.errors import ConfigError, TrainingFailed
 from ddp_train.factories import build_datasets, build_model, infer_task
+from ddp_train.grad_norm import GradNorm
 from ddp_train.losses import LossFn, build_loss
 from ddp_train.metric_logging import (ConsoleSink, CsvSink, JsonlSink, MetricSink, TensorBoardSink,
                                       require_tensorboard)
@@ -180,7 +181,8 @@ class Trainer:
             self.ddp = DistributedDataParallel(
                 self.module, device_ids=[device.index] if device.type == "cuda" else None,
                 bucket_cap_mb=config.dist.bucket_cap_mb,
-                find_unused_parameters=config.dist.find_unused_parameters)
+                find_unused_parameters=config.dist.find_unused_parameters,
+                gradient_as_bucket_view=config.dist.gradient_as_bucket_view)
         elif self.strategy == "fsdp":
             from ddp_train.sharding import apply_fsdp
 
@@ -189,7 +191,7 @@ class Trainer:
         # The parameters whose gradients each step measures (FSDP's are its shards, the same
         # objects the optimizer holds), listed once instead of walking the modules every step.
         self._trainable = [p for p in self.module.parameters() if p.requires_grad]
-        self._one_device_dtype = len({(p.device, p.dtype) for p in self._trainable}) == 1
+        self._gradient_norm = GradNorm(self._trainable)
         self.model: nn.Module = torch.compile(wrapped) if config.train.compile else wrapped
 
         # From here on each rank draws its own stream (dropout, augmentation).
@@ -626,12 +628,7 @@ class Trainer:
             from ddp_train.sharding import global_grad_norm
 
             return global_grad_norm(grads)
-        if self._one_device_dtype:
-            # get_total_norm's own two ops, without its per-call grouping of the tensors by
-            # device and dtype (Python that ran every step, a quarter of a tiny model's
-            # overhead): all gradients share the parameters' one device and dtype.
-            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        return torch.nn.utils.get_total_norm(grads)
+        return self._gradient_norm(grads)
 
     def _step_is_finite(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """Whether this step may update the weights; the same answer on every rank.

@@ -199,3 +199,53 @@ def test_early_stopping_two_ranks_cli(workdir: Path) -> None:
     assert summary["status"] == "early_stopped"
     assert summary["epochs_completed"] < 30
     assert summary["best"]["step"] < summary["global_step"]
+
+
+def _bucket_norms(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
+    """GradNorm against get_total_norm on DDP gradients that are views into its buckets."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ddp_train.grad_norm import GradNorm
+    from ddp_train.models import gpt
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    results: dict[str, Any] = {}
+    torch.manual_seed(0)
+    for name, bucket_cap_mb, unused in [("one_bucket", 100.0, False), ("many_buckets", 0.05, False),
+                                        ("unused_parameter", 100.0, True)]:
+        model = gpt(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+        if unused:
+            model.spare = torch.nn.Linear(4, 4)  # gets no gradient: its bucket is not tiled
+        ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True,
+                                      find_unused_parameters=unused)
+        params = [p for p in model.parameters() if p.requires_grad]
+        norm = GradNorm(params)
+        for step in range(3):  # DDP rebuilds its buckets after the first step
+            tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(rank * 10 + step))
+            logits = ddp(tokens)
+            torch.nn.functional.cross_entropy(logits.reshape(-1, 64), tokens.reshape(-1)).backward()
+            grads = [p.grad for p in params if p.grad is not None]
+            ours, reference = norm(grads), torch.nn.utils.get_total_norm(grads)
+            results[f"{name}_{step}"] = (ours.item(), reference.item(),
+                                         None if norm._flats is None else len(norm._flats))
+            for p in params:
+                p.grad = None
+        del ddp
+    dist.destroy_process_group()
+    return results
+
+
+@pytest.mark.timeout(120)
+def test_gradient_norm_over_ddp_buckets_equals_get_total_norm(tmp_path: Path) -> None:
+    """The per-step norm read from DDP's flat buckets is the norm of the gradients, with one
+    bucket, several, and when a parameter without a gradient leaves its bucket untiled."""
+    for result in spawn_ranks(_bucket_norms, 2, tmp_path, str(tmp_path)):
+        for key, (ours, reference, buckets) in result.items():
+            assert ours == pytest.approx(reference, rel=1e-6), key
+            if key.startswith("one_bucket"):
+                assert buckets == 1, key
+            elif key.startswith("many_buckets"):
+                # DDP buckets by bucket_cap_mb once it rebuilds them after the first step.
+                assert buckets is not None and (buckets > 1 or key.endswith("_0")), key
+            else:
+                assert buckets is None, key  # fell back to _foreach_norm
