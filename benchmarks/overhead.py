@@ -13,11 +13,9 @@ What is measured, in each of 2 spawned ranks (one intra-op thread each; gloo on 
   ``hand`` by is what this harness cannot tell apart on this machine.
 
 Every variant steps the same objects: the Trainer's own DDP model, AdamW optimizer, LR
-scheduler and DataLoader, which the hand-written loops borrow (``HandLoop(borrow=...)``).
-Separately built but identical loops differ by 5-35% on this 2-vCPU machine, an offset
-that stays put for the life of the process (where each loop's tensors landed in memory),
-far more than the overheads measured; on shared objects what differs is the code path
-alone. They run in blocks of K steps, all variants once per round, in an order shuffled
+scheduler and DataLoader, which the hand-written loops borrow (``HandLoop(borrow=...)``),
+so what differs is the code path alone (separately built loops also differ in where
+their tensors live). They run in blocks of K steps, all variants once per round, in an order shuffled
 every round (the same on both ranks), after a warm-up round; ranks meet at a barrier
 before every block. The whole measurement is repeated in R replicas, each a fresh pair
 of processes with its own round orders, so what stays put within a process (thread
@@ -29,8 +27,18 @@ loop's own bookkeeping; ``fit()``'s per-call costs (start, end-of-run loss reduc
 from whole-block times. Interleaving puts drift of the machine on every variant alike;
 medians resist the outliers of a shared machine.
 
+On this 2-vCPU machine the block medians themselves jump between a fast and a slow state
+(~1.3 against ~2.4 ms for the tiny model) that lasts for whole blocks, so even the A/A
+control reads several per cent off 1 at block level. The **step-by-step comparison**
+(:func:`paired_steps`) resolves what blocks cannot: one step of each of ``hand``,
+``hand_twin``, ``hand+all`` and the Trainer's own step code per iteration, in a shuffled
+order, so neighbouring steps share the machine's state and the median of their
+differences is the code's cost; ``fit()``'s bookkeeping between steps (the gap from one
+step's end to the next one's start) comes from the block runs.
+
 ``overhead_ratio`` = median step of ``trainer`` / median step of ``hand``, all replicas
-pooled. An extra's added time = median step of ``hand+extra`` − median step of
+pooled (the issue's definition). ``overhead_ratio_paired`` = 1 + (paired step difference
++ difference of the between-step gaps) / the hand-written step. An extra's added time = median step of ``hand+extra`` − median step of
 ``hand``; 95% intervals come from resampling replicas, then whole rounds within them
 (:func:`common.paired_bootstrap`). Each extra is also
 timed alone in a tight loop (``isolated_us``), which resolves costs far below the noise

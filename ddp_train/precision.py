@@ -10,6 +10,7 @@ import torch
 from ddp_train.errors import ConfigError
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_NO_AUTOCAST = contextlib.nullcontext()  # reusable: one object for every fp32 step
 
 
 class Precision:
@@ -27,7 +28,7 @@ class Precision:
     def autocast(self) -> ContextManager[Any]:
         """Context for the forward pass and the loss."""
         if self.dtype is None:
-            return contextlib.nullcontext()
+            return _NO_AUTOCAST
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
