@@ -293,8 +293,8 @@ def paired_bootstrap(rounds_a: Sequence[Sequence[float]], rounds_b: Sequence[Seq
     other in time), so resampling rounds keeps each pair together: drift of the machine
     between rounds widens the interval instead of biasing it. ``clusters[i]`` names the
     replica (a fresh pair of processes) round ``i`` ran in: then replicas are resampled
-    first and rounds within each, so what differs from one replica to the next (where each
-    loop's memory landed, say) widens the interval too.
+    first and rounds within each, so what differs from one replica to the next widens the
+    interval too.
     """
     rng = random.Random(seed)
     groups: dict[int, list[int]] = {}

@@ -52,9 +52,7 @@ class HandLoop:
 
     ``borrow``: drive that Trainer's own DDP model, optimizer, LR scheduler and DataLoader
     instead of building new ones (``accum`` 1 only). Every loop built so then steps the
-    very same tensors, so what differs between them is the code path alone: separately
-    built, identical loops differ by several per cent on a small CPU (where each one's
-    memory landed), more than the overheads measured.
+    very same tensors, so what differs between them is the code path alone.
     """
 
     def __init__(self, workload: Workload, dataset: Dataset, device: torch.device, rank: int,

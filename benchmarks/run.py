@@ -203,6 +203,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _verdict(low: float, high: float, goal: float) -> str:
+    """Whether a ratio's 95% interval ``[low, high]`` meets an upper-bound goal."""
+    if high <= goal:
+        return "yes"
+    return "no" if low > goal else "not resolved (the interval contains the goal)"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The tables of ``latest.md`` (also pasted into benchmarks/README.md)."""
     machine = results["machine"]
@@ -216,19 +223,15 @@ def markdown(results: dict[str, Any]) -> str:
     for name, ratio in head.get("overhead_ratio", {}).items():
         data = results["overhead"][name]
         low, high = data["overhead_ratio_ci95"]
-        met = ("yes" if high <= data["goal"] else "no" if low > data["goal"] else
-               "not resolved (the interval contains the goal)")
         lines.append(f"| `overhead_ratio` {name} | {ratio:.3f} (95% CI {low:.3f} to {high:.3f}) | "
-                     f"≤ {data['goal']} | {met} |")
+                     f"≤ {data['goal']} | {_verdict(low, high, data['goal'])} |")
         low, high = data["a_a_ratio_ci95"]
         lines.append(f"| A/A control {name}: identical loops | {data['a_a_ratio']:.3f} "
                      f"(95% CI {low:.3f} to {high:.3f}) | 1 | |")
         low, high = data["overhead_ratio_paired_ci95"]
-        met = ("yes" if high <= data["goal"] else "no" if low > data["goal"] else
-               "not resolved (the interval contains the goal)")
         lines.append(f"| `overhead_ratio_paired` {name}: step by step | "
                      f"{data['overhead_ratio_paired']:.3f} (95% CI {low:.3f} to {high:.3f}) | "
-                     f"≤ {data['goal']} | {met} |")
+                     f"≤ {data['goal']} | {_verdict(low, high, data['goal'])} |")
     for name, count in head.get("allreduce_per_optimizer_step", {}).items():
         buckets = head["buckets_per_optimizer_step"][name]
         lines.append(f"| `allreduce_per_optimizer_step` {name} (accum 4) | {count:g} "

@@ -192,8 +192,6 @@ class Trainer:
         # objects the optimizer holds), listed once instead of walking the modules every step.
         self._trainable = [p for p in self.module.parameters() if p.requires_grad]
         self._gradient_norm = GradNorm(self._trainable)
-        self._clipping = (config.train.clip_grad_norm is not None
-                          or config.train.clip_grad_value is not None)
         self.model: nn.Module = torch.compile(wrapped) if config.train.compile else wrapped
 
         # From here on each rank draws its own stream (dropout, augmentation).
@@ -583,9 +581,8 @@ class Trainer:
         for micro in range(accum):
             inputs, targets = to_device(next(batches), self.env.device)
             # Only the last micro-batch all-reduces; no_sync must cover both the forward
-            # and the backward pass to suppress DDP's reducer. (Without accumulation every
-            # micro-batch syncs: no context to enter.)
-            with self._gradient_sync(micro == accum - 1) if accum > 1 else nullcontext():
+            # and the backward pass to suppress DDP's reducer.
+            with self._gradient_sync(micro == accum - 1):
                 with self.precision.autocast():
                     loss = self.loss_fn(self.model(inputs), targets)
                 # The mean over micro-batches; no extra autograd node when there is one.
@@ -604,8 +601,7 @@ class Trainer:
             self._layer_norms = layer_grad_norms(self.module)
         lr = self.optimizer.param_groups[0]["lr"]
         if self._step_is_finite(step_loss, grad_norm):
-            if self._clipping:
-                self._clip_gradients(grads, grad_norm)
+            self._clip_gradients(grads, grad_norm)
             self.precision.step(self.optimizer)
             self._loss_sums += step_loss
             self._micro_since[0] += accum
