@@ -127,7 +127,9 @@ class HandLoop:
         targets = targets.to(self.device, non_blocking=True)
         with self.autocast:
             outputs = self.ddp(inputs)
-            return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+            if outputs.dim() > 2:  # next-token logits (B, T, V), flattened as a GPT loop does
+                outputs, targets = outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1)
+            return F.cross_entropy(outputs, targets)
 
     def _step(self, watch: PreemptionWatch | None) -> None:
         micro_losses = []

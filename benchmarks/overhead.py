@@ -30,11 +30,12 @@ medians resist the outliers of a shared machine.
 On this 2-vCPU machine the block medians themselves jump between a fast and a slow state
 (~1.3 against ~2.4 ms for the tiny model) that lasts for whole blocks, so even the A/A
 control reads several per cent off 1 at block level. The **step-by-step comparison**
-(:func:`paired_steps`) resolves what blocks cannot: one step of each of ``hand``,
-``hand_twin``, ``hand+all`` and the Trainer's own step code per iteration, in a shuffled
-order, so neighbouring steps share the machine's state and the median of their
-differences is the code's cost; ``fit()``'s bookkeeping between steps (the gap from one
-step's end to the next one's start) comes from the block runs.
+(:func:`paired_steps`) resolves what blocks cannot: per iteration a short turn of each of
+``hand``, ``hand_twin``, ``hand+all`` and the Trainer's own step code (warm-up steps, then
+one timed step), in a shuffled order, so neighbouring timed steps share the machine's
+state and the median of their differences is the code's cost; ``fit()``'s bookkeeping
+between steps (the gap from one step's end to the next one's start) comes from the block
+runs.
 
 ``overhead_ratio`` = median step of ``trainer`` / median step of ``hand``, all replicas
 pooled (the issue's definition). ``overhead_ratio_paired`` = 1 + (paired step difference
@@ -131,17 +132,25 @@ def isolated_costs(loop: HandLoop, calls: int, batches: int) -> dict[str, float]
 
 
 PAIRED = ("hand", "hand_twin", "hand+all", "trainer")
-"""The loops whose single steps are interleaved one by one (``paired_steps``)."""
+"""The loops whose steps are interleaved turn by turn (``paired_steps``)."""
+
+WARM_STEPS = 2
+"""Untimed steps that open each turn of :func:`paired_steps`: they bring the loop's own code
+and data back into the caches after the other loops ran, as in a real run, where one loop
+steps on and on."""
 
 
 def paired_steps(loops: dict[str, HandLoop | TrainerLoop], iterations: int, seed: int,
                  device: torch.device) -> dict[str, list[float]]:
-    """Seconds of single optimizer steps of the :data:`PAIRED` loops, one step of each per
-    iteration in an order shuffled every iteration (the same on every rank).
+    """Seconds of single optimizer steps of the :data:`PAIRED` loops: per iteration one turn
+    of each loop, in an order shuffled every iteration (the same on every rank); a turn is
+    :data:`WARM_STEPS` untimed steps and then the timed one.
 
-    Neighbouring steps share the machine's state, which flips between fast and slow for
-    whole blocks of steps here, so the difference of two loops' steps in the same
-    iteration resolves microseconds that block medians cannot. The Trainer's step is its
+    Neighbouring turns share the machine's state, which flips between fast and slow for
+    whole blocks of steps here, so the difference of two loops' timed steps in the same
+    iteration resolves microseconds that block medians cannot. Without the warm steps a
+    loop's code would run cold after three others, which costs the Trainer (more code
+    than a hand loop) tens of µs that no real run pays. The Trainer's step is its
     ``_optimizer_step`` (``fit()``'s bookkeeping between steps is measured from the block
     runs instead); the hand loops' steps leave out the preemption extra.
     """
@@ -152,6 +161,8 @@ def paired_steps(loops: dict[str, HandLoop | TrainerLoop], iterations: int, seed
         rng.shuffle(order)
         for name in order:
             loop = loops[name]
+            for _ in range(WARM_STEPS):
+                loop.step()
             synchronize(device)
             start = time.perf_counter()
             loop.step()
@@ -318,7 +329,7 @@ def paired_analysis(replicas: list[dict[str, Any]]) -> dict[str, Any]:
 
     comparisons = {"trainer_vs_hand": ("trainer", "hand"), "extras": ("hand+all", "hand"),
                    "rest_of_trainer_step": ("trainer", "hand+all"), "a_a_control": ("hand_twin", "hand")}
-    out: dict[str, Any] = {"iterations": len(clusters), "step_s": {n: summarize(flat(n)) for n in PAIRED}}
+    out: dict[str, Any] = {"iterations": len(clusters), "warm_steps": WARM_STEPS, "step_s": {n: summarize(flat(n)) for n in PAIRED}}
     for key, (a, b) in comparisons.items():
         out[key] = {"with": a, "without": b, "added_us": difference(flat(a), flat(b)),
                     "ci95_us": list(paired_bootstrap(steps[a], steps[b], difference, clusters=clusters))}

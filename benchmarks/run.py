@@ -276,8 +276,9 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {row['description']} | {row['added_us']:+.1f} ({low:+.1f} to {high:+.1f}) | "
                          f"{row['added_pct_of_hand_step']:+.2f}% | {alone} |")
         paired = data["paired"]
-        lines += ["", f"Step by step ({paired['iterations']} iterations, one step of each loop per "
-                      f"iteration, shuffled): µs added per step (95% CI): "
+        lines += ["", f"Step by step ({paired['iterations']} iterations; per iteration a turn of each "
+                      f"loop, shuffled: {paired['warm_steps']} warm-up steps, then one timed): µs "
+                      f"added per step (95% CI): "
                   + "; ".join(f"{key} ({paired[key]['with']} − {paired[key]['without']}) "
                               f"{paired[key]['added_us']:+.1f} ({paired[key]['ci95_us'][0]:+.1f} to "
                               f"{paired[key]['ci95_us'][1]:+.1f})"

@@ -35,8 +35,10 @@ def _match_shape(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
     """Cross entropy over the last dimension; (B, T, C) sequence logits are flattened."""
     def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]).float(), targets.reshape(-1),
-                               label_smoothing=label_smoothing)
+        # (B, C) against (B,) needs no view (it would add an autograd node to every step).
+        if outputs.dim() > 2 or targets.dim() > 1:
+            outputs, targets = outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1)
+        return F.cross_entropy(outputs.float(), targets, label_smoothing=label_smoothing)
     return loss
 
 

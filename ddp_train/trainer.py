@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ddp_train")
 
+_REDUCE_AS_USUAL = nullcontext()  # reusable: one object for every step that all-reduces
+
 
 @dataclass
 class TrainingProgress:
@@ -184,14 +186,17 @@ class Trainer:
                 find_unused_parameters=config.dist.find_unused_parameters,
                 gradient_as_bucket_view=config.dist.gradient_as_bucket_view)
         elif self.strategy == "fsdp":
-            from ddp_train.sharding import apply_fsdp
+            from ddp_train.sharding import apply_fsdp, global_grad_norm
 
             apply_fsdp(self.module, config.train.fsdp, config.train.precision, device)
         wrapped: nn.Module = self.ddp if self.ddp is not None else self.module
         # The parameters whose gradients each step measures (FSDP's are its shards, the same
         # objects the optimizer holds), listed once instead of walking the modules every step.
         self._trainable = [p for p in self.module.parameters() if p.requires_grad]
-        self._gradient_norm = GradNorm(self._trainable)
+        # The global 2-norm of the gradients: over every rank's shards under FSDP, else over
+        # this rank's own (DDP has already all-reduced them).
+        self._grad_norm: Callable[[list[torch.Tensor]], torch.Tensor] = (
+            global_grad_norm if self.strategy == "fsdp" else GradNorm(self._trainable))
         self.model: nn.Module = torch.compile(wrapped) if config.train.compile else wrapped
 
         # From here on each rank draws its own stream (dropout, augmentation).
@@ -199,6 +204,9 @@ class Trainer:
 
         # Loaders: every micro-batch full, the same global order at every world size.
         pin = device.type == "cuda"
+        # The loaders collate on the CPU: a CPU run's batches are already where they are
+        # needed, and skipping the move takes a few calls out of every step.
+        self._move_batches = device.type != "cpu"
         self.train_loader = train_loader(train_dataset, config.data.batch_size, env.rank,
                                          env.world_size, config.data.shuffle, config.run.seed,
                                          config.data.num_workers, pin)
@@ -579,7 +587,8 @@ class Trainer:
         accum = self.config.train.grad_accum_steps
         micro_losses = []
         for micro in range(accum):
-            inputs, targets = to_device(next(batches), self.env.device)
+            batch = next(batches)
+            inputs, targets = to_device(batch, self.env.device) if self._move_batches else batch
             # Only the last micro-batch all-reduces; no_sync must cover both the forward
             # and the backward pass to suppress DDP's reducer.
             with self._gradient_sync(micro == accum - 1):
@@ -620,15 +629,7 @@ class Trainer:
             return gradient_sync(self.module, enabled)
         if self.ddp is not None and not enabled:
             return self.ddp.no_sync()
-        return nullcontext()
-
-    def _grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """The global 2-norm of the gradients (over every rank's shards under FSDP)."""
-        if self.strategy == "fsdp":
-            from ddp_train.sharding import global_grad_norm
-
-            return global_grad_norm(grads)
-        return self._gradient_norm(grads)
+        return _REDUCE_AS_USUAL
 
     def _step_is_finite(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """Whether this step may update the weights; the same answer on every rank.

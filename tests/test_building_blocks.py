@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from ddp_train.datasets import (DATASETS, _digits_table, chars, digits, synthetic_classification,
                                 synthetic_regression)
 from ddp_train.errors import ConfigError
+from ddp_train.losses import build_loss
 from ddp_train.models import (INIT_SCHEMES, MODELS, apply_init, apply_norm, cnn, gpt, mlp,
                               plain_state_dict)
 
@@ -297,3 +298,22 @@ def test_registry_suggests_closest_name() -> None:
     with pytest.raises(ConfigError, match="did you mean 'digits'") as info:
         DATASETS.resolve("digit")
     assert info.value.key == "data.name"
+
+
+@pytest.mark.parametrize("outputs_shape, targets_shape", [((6, 5), (6,)), ((6, 5), (6, 1)),
+                                                          ((2, 3, 5), (2, 3))])
+def test_cross_entropy_over_the_last_dimension(outputs_shape: tuple[int, ...],
+                                               targets_shape: tuple[int, ...]) -> None:
+    # Class scores (B, C), a column of labels (B, 1) and sequence logits (B, T, C) all mean
+    # one prediction per row of the last dimension, and gradients flow back the same way.
+    torch.manual_seed(0)
+    outputs = torch.randn(outputs_shape, requires_grad=True)
+    targets = torch.randint(5, targets_shape)
+    loss = build_loss("cross_entropy", {"label_smoothing": 0.1})(outputs, targets)
+    loss.backward()
+    reference_outputs = outputs.detach().clone().requires_grad_(True)
+    expected = nn.functional.cross_entropy(reference_outputs.reshape(-1, 5), targets.reshape(-1),
+                                           label_smoothing=0.1)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    torch.testing.assert_close(outputs.grad, reference_outputs.grad, rtol=0, atol=0)
