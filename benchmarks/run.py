@@ -61,7 +61,7 @@ PLANS: dict[str, dict[str, Any]] = {
               "gpu": {"steps": 20, "warmup": 10}},
     "full": {"overhead": {"tiny_mlp": (40, 10, 400), "mid_gpt": (10, 5, 30)}, "overhead_replicas": 4,
              "accumulation": {"tiny_mlp": (10, 10), "mid_gpt": (4, 8)},
-             "checkpoint_repeats": 7,
+             "checkpoint_repeats": 15,
              "scaling": {"steps_per_block": 10, "blocks": 8, "repeats": 2},
              "fsdp_memory": {"repeats": 2, "steps_per_block": 8, "blocks": 4},
              "bandwidth_repeats": 20, "startup_repeats": 7, "startup_torchrun": True,
