@@ -135,9 +135,8 @@ PAIRED = ("hand", "hand_twin", "hand+all", "trainer")
 """The loops whose steps are interleaved turn by turn (``paired_steps``)."""
 
 WARM_STEPS = 2
-"""Untimed steps that open each turn of :func:`paired_steps`: they bring the loop's own code
-and data back into the caches after the other loops ran, as in a real run, where one loop
-steps on and on."""
+"""Untimed steps that open each turn of :func:`paired_steps`, so that the timed step follows
+steps of its own loop, as in a real run, where one loop steps on and on."""
 
 
 def paired_steps(loops: dict[str, HandLoop | TrainerLoop], iterations: int, seed: int,

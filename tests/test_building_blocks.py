@@ -1,4 +1,4 @@
-"""Unit tests of the built-in models, init/norm, plain state dicts, data sets and registries."""
+"""Unit tests of the built-in models, init/norm, plain state dicts, data sets, losses and registries."""
 
 from __future__ import annotations
 
