@@ -1,6 +1,6 @@
 """Benchmark: what does ``CheckpointManager.save`` cost compared with a bare ``torch.save``?
 
-What is measured, on one realistic training state (a GPT from ``ddp_train.models.gpt``,
+What is measured, on one realistic training state (a GPT from ``ddp_train.components.models.gpt``,
 its AdamW optimizer after one real step so ``exp_avg``/``exp_avg_sq`` exist, the LR
 schedule, and the small extra keys, in the layout of ``Trainer.state_dict()``):
 
@@ -49,15 +49,15 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ddp_train.checkpoint import FORMAT_VERSION, CheckpointManager, read_checkpoint
+from ddp_train.checkpoint.files import FORMAT_VERSION, CheckpointManager, read_checkpoint
 from ddp_train.config import (CheckpointConfig, EarlyStoppingConfig, OptimConfig, ScheduleConfig,
                               TrainConfig, config_to_dict)
-from ddp_train.early_stopping import EarlyStopping
-from ddp_train.models import gpt
-from ddp_train.optim import build_optimizer, build_schedule
-from ddp_train.precision import Precision
-from ddp_train.rng import capture_rng
-from ddp_train.trainer import TrainingProgress
+from ddp_train.training.early_stopping import EarlyStopping
+from ddp_train.components.models import gpt
+from ddp_train.components.optimizers import build_optimizer, build_schedule
+from ddp_train.distributed.precision import Precision
+from ddp_train.training.rng import capture_rng
+from ddp_train.training.trainer import TrainingProgress
 
 MODEL_ARGS: dict[str, Any] = {"vocab_size": 256, "block_size": 256, "n_layer": 4, "n_head": 8,
                               "n_embd": 512}

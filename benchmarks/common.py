@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from checkpoint_save import cpu_model
-from ddp_train.models import gpt, mlp
+from ddp_train.components.models import gpt, mlp
 
 # Launcher variables of an outer job must not leak into the ranks started here.
 _LAUNCH_PREFIXES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",

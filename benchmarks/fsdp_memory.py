@@ -41,7 +41,7 @@ import torch
 from common import CpuWatch, MID, init_process_group, machine_info, spawn_ranks, summarize, wait_for_quiet
 from loops import TrainerLoop
 
-from ddp_train.sharding import held_bytes, local_tensor
+from ddp_train.distributed.fsdp import held_bytes, local_tensor
 
 STRATEGIES = ("ddp", "fsdp")
 

@@ -29,7 +29,7 @@ import torch
 
 from common import GPU_GPT, Workload, median, spawn_ranks, summarize
 from loops import TrainerLoop
-from ddp_train.system_metrics import peak_flops, training_flops_per_sample
+from ddp_train.observability.system_metrics import peak_flops, training_flops_per_sample
 
 
 def require_cuda() -> None:

@@ -20,11 +20,11 @@ from torch.utils.data.distributed import DistributedSampler
 from common import StepClock, Workload, run_trainer_steps, time_trainer_steps, trainer_overrides
 from ddp_train import Trainer
 from ddp_train.config import DistConfig, load_config
-from ddp_train.data import ResumableSampler
-from ddp_train.grad_norm import GradNorm
-from ddp_train.distributed import DistEnv
-from ddp_train.optim import WarmupSchedule
-from ddp_train.preemption import PreemptionWatch
+from ddp_train.training.loaders import ResumableSampler
+from ddp_train.distributed.grad_norm import GradNorm
+from ddp_train.distributed.environment import DistEnv
+from ddp_train.components.optimizers import WarmupSchedule
+from ddp_train.distributed.preemption import PreemptionWatch
 
 EXTRAS: dict[str, str] = {
     "grad_norm": "(a) global gradient norm (GradNorm: over DDP's flat buckets)",

@@ -61,8 +61,8 @@ import torch.distributed as dist
 from common import (Workload, init_process_group, median, paired_bootstrap, rank_device,
                     shuffled_rounds, spawn_ranks, summarize, synchronize)
 from loops import EXTRAS, HandLoop, TrainerLoop
-from ddp_train.optim import WarmupSchedule
-from ddp_train.preemption import PreemptionWatch
+from ddp_train.components.optimizers import WarmupSchedule
+from ddp_train.distributed.preemption import PreemptionWatch
 
 GOALS: dict[str, float] = {"tiny_mlp": 1.03, "mid_gpt": 1.01}
 """Upper bounds of ``overhead_ratio`` per workload."""

@@ -34,7 +34,7 @@ import math
 from typing import Any, Callable
 
 from bandwidth import allreduce_time
-from ddp_train.system_metrics import PEAK_FLOPS
+from ddp_train.observability.system_metrics import PEAK_FLOPS
 
 BUCKET_BYTES = 25 * 2**20
 """DDP's default bucket size (``dist.bucket_cap_mb=25``)."""

@@ -149,7 +149,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def _bodies(count: int) -> list[bytes]:
     """Single-example request bodies from the validation data of the run."""
-    from ddp_train.datasets import digits
+    from ddp_train.components.datasets import digits
 
     _, val = digits()
     return [json.dumps({"inputs": val.inputs[i % len(val)].tolist()}).encode() for i in range(count)]

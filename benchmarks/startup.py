@@ -55,7 +55,7 @@ print("{MARK}" + repr(time.monotonic()), flush=True)
 
 _CHILD = f"""\
 import os, runpy, sys, time
-import ddp_train.trainer as trainer_module
+import ddp_train.training.trainer as trainer_module
 
 step = trainer_module.Trainer._optimizer_step
 

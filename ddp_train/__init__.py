@@ -14,7 +14,7 @@ def __getattr__(name: str) -> Any:
     # The Trainer imports torch: loaded on first use, so that the torch-free parts (the
     # config, the onnxruntime model server) start without it.
     if name == "Trainer":
-        from ddp_train.trainer import Trainer
+        from ddp_train.training.trainer import Trainer
 
         return Trainer
     raise AttributeError(f"module 'ddp_train' has no attribute {name!r}")

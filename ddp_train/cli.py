@@ -16,7 +16,7 @@ from typing import Callable
 from ddp_train.config import config_to_yaml, load_config
 from ddp_train.errors import ConfigError, ExportFailed, TrainingFailed
 from ddp_train.extras import require
-from ddp_train.plot import plot_run
+from ddp_train.observability.plots import plot_run
 
 log = logging.getLogger("ddp_train")
 
@@ -45,7 +45,7 @@ def train_command(argv: list[str], prog: str) -> int:
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0
-    from ddp_train.trainer import Trainer, describe  # heavy: only when training
+    from ddp_train.training.trainer import Trainer, describe  # heavy: only when training
 
     with Trainer(config) as trainer:
         log.info(describe(trainer))
@@ -72,22 +72,22 @@ def plot_command(argv: list[str], prog: str) -> int:
 
 
 def sweep_command(argv: list[str], prog: str) -> int:
-    """``sweep``: Optuna hyperparameter search, each trial a training run (ddp_train.sweep)."""
-    from ddp_train.sweep import sweep_command as run_sweep
+    """``sweep``: Optuna hyperparameter search, each trial a training run (ddp_train.tools.sweep)."""
+    from ddp_train.tools.sweep import sweep_command as run_sweep
 
     return run_sweep(argv, prog)
 
 
 def lr_find_command(argv: list[str], prog: str) -> int:
-    """``lr-find``: an exponential learning-rate range test (ddp_train.lr_find)."""
-    from ddp_train.lr_find import lr_find_command as run_lr_find
+    """``lr-find``: an exponential learning-rate range test (ddp_train.tools.lr_find)."""
+    from ddp_train.tools.lr_find import lr_find_command as run_lr_find
 
     return run_lr_find(argv, prog)
 
 
 def cv_command(argv: list[str], prog: str) -> int:
-    """``cv``: k-fold cross-validation, one training run per fold (ddp_train.cross_validation)."""
-    from ddp_train.cross_validation import cv_command as run_cv
+    """``cv``: k-fold cross-validation, one training run per fold (ddp_train.tools.cross_validation)."""
+    from ddp_train.tools.cross_validation import cv_command as run_cv
 
     return run_cv(argv, prog)
 
@@ -116,7 +116,7 @@ def export_command(argv: list[str], prog: str) -> int:
     parser.add_argument("--batch-size", type=int, metavar="N",
                         help="example batch size (default: the run's validation batch size)")
     args = parser.parse_args(argv)
-    from ddp_train.export import FORMATS, ExportRequest, export_run  # torch: only when exporting
+    from ddp_train.tools.export import FORMATS, ExportRequest, export_run  # torch: only when exporting
 
     request = ExportRequest(args.run_dir, args.out or args.run_dir / "export",
                             FORMATS if args.format == "all" else (args.format,), args.quantize,
@@ -153,7 +153,7 @@ def serve_command(argv: list[str], prog: str) -> int:
                         help="examples the running input mean for drift spans (default 1000)")
     args = parser.parse_args(argv)
     require(("fastapi", "uvicorn", "prometheus_client"), "serve", "ddp-train serve")
-    from ddp_train.serving import ServeOptions, serve  # fastapi, onnxruntime: only when serving
+    from ddp_train.tools.serving import ServeOptions, serve  # fastapi, onnxruntime: only when serving
 
     serve(ServeOptions(args.path, args.host, args.port, args.backend, args.int8, args.max_batch,
                        args.max_body_bytes, args.threads, args.drift_window))
@@ -173,7 +173,7 @@ def convert_command(argv: list[str], prog: str) -> int:
     parser.add_argument("--out", metavar="FILE", type=Path,
                         help="the file to write (default: CHECKPOINT_DIR.pt, next to the directory)")
     args = parser.parse_args(argv)
-    from ddp_train.sharded_checkpoint import convert_to_file  # heavy: only when converting
+    from ddp_train.checkpoint.sharded import convert_to_file  # heavy: only when converting
 
     print(convert_to_file(args.checkpoint, args.out))
     return 0
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None, prog: str = "ddp-train") -> int:
         return _run(argv, prog, rank=0)
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from ddp_train.distributed import read_launch_info
+    from ddp_train.distributed.environment import read_launch_info
 
     return record(_run)(argv, prog, read_launch_info().rank)
 

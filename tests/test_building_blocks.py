@@ -13,11 +13,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
-from ddp_train.datasets import (DATASETS, _digits_table, chars, digits, synthetic_classification,
+from ddp_train.components.datasets import (DATASETS, _digits_table, chars, digits, synthetic_classification,
                                 synthetic_regression)
 from ddp_train.errors import ConfigError
-from ddp_train.losses import build_loss
-from ddp_train.models import (INIT_SCHEMES, MODELS, apply_init, apply_norm, cnn, gpt, mlp,
+from ddp_train.components.losses import build_loss
+from ddp_train.components.models import (INIT_SCHEMES, MODELS, apply_init, apply_norm, cnn, gpt, mlp,
                               plain_state_dict)
 
 # Small sizes keep the whole file fast on a shared CPU.

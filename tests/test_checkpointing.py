@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 
 from conftest import clean_env, load_model, read_metrics, read_summary, run_cli
 from ddp_train import Trainer
-from ddp_train.checkpoint import CheckpointManager, read_checkpoint
+from ddp_train.checkpoint.files import CheckpointManager, read_checkpoint
 from ddp_train.cli import main
 from ddp_train.config import load_config
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ddp_train.distributed import LaunchInfo, expand_slurm_nodelist, read_launch_info
+from ddp_train.distributed.environment import LaunchInfo, expand_slurm_nodelist, read_launch_info
 from ddp_train.errors import ConfigError
 
 

@@ -205,8 +205,8 @@ def _bucket_norms(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
     """GradNorm against get_total_norm on DDP gradients that are views into its buckets."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from ddp_train.grad_norm import GradNorm
-    from ddp_train.models import gpt
+    from ddp_train.distributed.grad_norm import GradNorm
+    from ddp_train.components.models import gpt
 
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     results: dict[str, Any] = {}

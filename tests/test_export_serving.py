@@ -44,7 +44,7 @@ TRAIN = ["model.name=user_components:wide_mlp", *DATA, "train.max_steps=60", "da
 
 def _val_data() -> tuple[torch.Tensor, torch.Tensor]:
     """The run's validation set, built independently of the exporter."""
-    from ddp_train.datasets import synthetic_classification
+    from ddp_train.components.datasets import synthetic_classification
 
     train, val = synthetic_classification(n_samples=1024, n_features=FEATURES, n_classes=CLASSES)
     return val.inputs, val.targets
@@ -110,7 +110,7 @@ def test_every_format_answers_like_the_model_at_other_batch_sizes(run_dir: Path,
 
 
 def test_manifest_holds_the_training_inputs_statistics(exported: dict[str, Any]) -> None:
-    from ddp_train.datasets import synthetic_classification
+    from ddp_train.components.datasets import synthetic_classification
 
     train, _ = synthetic_classification(n_samples=1024, n_features=FEATURES, n_classes=CLASSES)
     stats = exported["input_stats"]

@@ -20,13 +20,13 @@ import torch.distributed as dist
 
 from conftest import read_metrics, read_summary, spawn_ranks
 from ddp_train import Trainer
-from ddp_train.checkpoint import read_checkpoint
+from ddp_train.checkpoint.files import read_checkpoint
 from ddp_train.cli import main
 from ddp_train.config import load_config
-from ddp_train.losses import build_loss
-from ddp_train.models import gpt
-from ddp_train.sharded_checkpoint import ShardedCheckpointManager
-from ddp_train.sharding import held_bytes
+from ddp_train.components.losses import build_loss
+from ddp_train.components.models import gpt
+from ddp_train.checkpoint.sharded import ShardedCheckpointManager
+from ddp_train.distributed.fsdp import held_bytes
 
 # AdamW, a cosine schedule with warmup, clipping and 2 micro-batches per step: every kind
 # of optimizer state and the no-sync path. 2 ranks × 4 × 2 = a global batch of 16.

@@ -19,9 +19,9 @@ import torch.distributed as dist
 from conftest import require_modules, spawn_ranks
 from ddp_train.cli import main
 from ddp_train.errors import ConfigError
-from ddp_train.metric_logging import CsvSink, TensorBoardSink
-from ddp_train.profiling import StepProfiler
-from ddp_train.system_metrics import (PEAK_FLOPS, SystemMonitor, lookup_peak_flops, peak_flops,
+from ddp_train.observability.sinks import CsvSink, TensorBoardSink
+from ddp_train.observability.profiling import StepProfiler
+from ddp_train.observability.system_metrics import (PEAK_FLOPS, SystemMonitor, lookup_peak_flops, peak_flops,
                                       training_flops_per_sample)
 
 CPU = torch.device("cpu")

@@ -233,7 +233,7 @@ def test_five_fold_cv_validates_every_sample_exactly_once(workdir: Path,
 
 
 def test_stratified_folds_keep_class_shares() -> None:
-    from ddp_train.cross_validation import make_folds
+    from ddp_train.tools.cross_validation import make_folds
 
     labels = [0] * 50 + [1] * 30 + [2] * 20
     folds = make_folds(len(labels), 5, seed=0, labels=labels)

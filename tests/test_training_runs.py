@@ -18,7 +18,7 @@ from conftest import clean_env, load_model, read_metrics, read_summary, run_cli
 from ddp_train import Trainer, TrainConfig
 from ddp_train.cli import main
 from ddp_train.config import load_config
-from ddp_train.models import MODELS
+from ddp_train.components.models import MODELS
 
 QUIET = ["logging.progress=none"]
 

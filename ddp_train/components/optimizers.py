@@ -10,7 +10,7 @@ import torch
 
 from ddp_train.config import OptimConfig, ScheduleConfig
 from ddp_train.errors import ConfigError
-from ddp_train.registry import Registry
+from ddp_train.components.registry import Registry
 
 OPTIMIZERS = Registry("optimizer", "optim.name")
 SCHEDULES = Registry("schedule", "schedule.name")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from ddp_train.signals import SignalFlag
+from ddp_train.distributed.signals import SignalFlag
 
 # Variables that place a process in a launcher's job. The parent may itself run inside
 # one (an srun step, a torchrun worker); its children must be jobs of their own.

@@ -24,8 +24,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from ddp_train.distributed import DistEnv
-from ddp_train.signals import SignalFlag
+from ddp_train.distributed.environment import DistEnv
+from ddp_train.distributed.signals import SignalFlag
 
 log = logging.getLogger("ddp_train")
 

@@ -26,31 +26,31 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 import ddp_train
-from ddp_train.checkpoint import FORMAT_VERSION, CheckpointManager
+from ddp_train.checkpoint.files import FORMAT_VERSION, CheckpointManager
 from ddp_train.config import TrainConfig, config_to_dict, config_to_yaml
-from ddp_train.data import eval_loader, to_device, train_loader
-from ddp_train.datasets import DATASETS
-from ddp_train.diagnostics import ActivationStats, GradNormWatch, layer_grad_norms
-from ddp_train.distributed import DistEnv
-from ddp_train.early_stopping import EarlyStopping
+from ddp_train.training.loaders import eval_loader, to_device, train_loader
+from ddp_train.components.datasets import DATASETS
+from ddp_train.observability.diagnostics import ActivationStats, GradNormWatch, layer_grad_norms
+from ddp_train.distributed.environment import DistEnv
+from ddp_train.training.early_stopping import EarlyStopping
 from ddp_train.errors import ConfigError, TrainingFailed
-from ddp_train.factories import build_datasets, build_model, infer_task
-from ddp_train.grad_norm import GradNorm
-from ddp_train.losses import LossFn, build_loss
-from ddp_train.metric_logging import (ConsoleSink, CsvSink, JsonlSink, MetricSink, TensorBoardSink,
+from ddp_train.components.parts import build_datasets, build_model, infer_task
+from ddp_train.distributed.grad_norm import GradNorm
+from ddp_train.components.losses import LossFn, build_loss
+from ddp_train.observability.sinks import (ConsoleSink, CsvSink, JsonlSink, MetricSink, TensorBoardSink,
                                       require_tensorboard)
-from ddp_train.metrics import MetricAccumulator
-from ddp_train.models import MODELS, apply_init, apply_norm, plain_state_dict
-from ddp_train.optim import build_optimizer, build_schedule
-from ddp_train.precision import Precision
-from ddp_train.preemption import PreemptionWatch
-from ddp_train.profiling import StepProfiler
-from ddp_train.rng import capture_rng, restore_rng, seed_everything
-from ddp_train.run_dir import RunDirectory
-from ddp_train.system_metrics import SystemMonitor, peak_flops, training_flops_per_sample
+from ddp_train.training.metrics import MetricAccumulator
+from ddp_train.components.models import MODELS, apply_init, apply_norm, plain_state_dict
+from ddp_train.components.optimizers import build_optimizer, build_schedule
+from ddp_train.distributed.precision import Precision
+from ddp_train.distributed.preemption import PreemptionWatch
+from ddp_train.observability.profiling import StepProfiler
+from ddp_train.training.rng import capture_rng, restore_rng, seed_everything
+from ddp_train.checkpoint.run_directory import RunDirectory
+from ddp_train.observability.system_metrics import SystemMonitor, peak_flops, training_flops_per_sample
 
 if TYPE_CHECKING:
-    from ddp_train.sharded_checkpoint import ShardedCheckpointManager
+    from ddp_train.checkpoint.sharded import ShardedCheckpointManager
 
 log = logging.getLogger("ddp_train")
 
@@ -82,7 +82,7 @@ def _tokens_per_sample(inputs: Any, task: str) -> int:
 
 
 # FSDP, DTensor and torch.distributed.checkpoint take about a second to import, so only
-# FSDP runs load ddp_train.sharding and ddp_train.sharded_checkpoint (imported where used).
+# FSDP runs load ddp_train.distributed.fsdp and ddp_train.checkpoint.sharded (imported where used).
 
 
 def _resolve_strategy(strategy: str, world_size: int) -> Literal["none", "ddp", "fsdp"]:
@@ -186,7 +186,7 @@ class Trainer:
                 find_unused_parameters=config.dist.find_unused_parameters,
                 gradient_as_bucket_view=config.dist.gradient_as_bucket_view)
         elif self.strategy == "fsdp":
-            from ddp_train.sharding import apply_fsdp, global_grad_norm
+            from ddp_train.distributed.fsdp import apply_fsdp, global_grad_norm
 
             apply_fsdp(self.module, config.train.fsdp, config.train.precision, device)
         wrapped: nn.Module = self.ddp if self.ddp is not None else self.module
@@ -247,7 +247,7 @@ class Trainer:
         # Resume (every rank loads the checkpoint rank 0 chose), then the outputs.
         self.checkpoints: CheckpointManager | ShardedCheckpointManager
         if self.strategy == "fsdp":
-            from ddp_train.sharded_checkpoint import ShardedCheckpointManager
+            from ddp_train.checkpoint.sharded import ShardedCheckpointManager
 
             self.checkpoints = ShardedCheckpointManager(config.run_dir / "checkpoints", config.checkpoint, env)
         else:
@@ -298,8 +298,8 @@ class Trainer:
         other ranks get an empty dict. Under FSDP the shards are gathered into full tensors.
         """
         if self.strategy == "fsdp":
-            from ddp_train.sharded_checkpoint import full_optimizer_state_dict
-            from ddp_train.sharding import full_model_state_dict
+            from ddp_train.checkpoint.sharded import full_optimizer_state_dict
+            from ddp_train.distributed.fsdp import full_model_state_dict
 
             model, optimizer = (full_model_state_dict(self.module),
                                 full_optimizer_state_dict(self.module, self.optimizer))
@@ -330,11 +330,11 @@ class Trainer:
         (with its ``path``), whose tensors every rank then reads from its directory.
         """
         if "path" in state:
-            from ddp_train.sharded_checkpoint import load_sharded
+            from ddp_train.checkpoint.sharded import load_sharded
 
             load_sharded(Path(state["path"]), self.module, self.optimizer, state["optimizer_plain"])
         elif self.strategy == "fsdp":
-            from ddp_train.sharded_checkpoint import load_full_state
+            from ddp_train.checkpoint.sharded import load_full_state
 
             load_full_state(self.module, self.optimizer, state["model"], state["optimizer"])
         else:
@@ -624,7 +624,7 @@ class Trainer:
     def _gradient_sync(self, enabled: bool) -> ContextManager[Any]:
         """A context for one micro-batch's forward and backward: reduce gradients or not."""
         if self.strategy == "fsdp":
-            from ddp_train.sharding import gradient_sync
+            from ddp_train.distributed.fsdp import gradient_sync
 
             return gradient_sync(self.module, enabled)
         if self.ddp is not None and not enabled:
@@ -744,7 +744,7 @@ class Trainer:
         accumulator = MetricAccumulator(self.task, self.env.device)
         # A sharded model's forward is a collective: every rank runs as many batches.
         if self.strategy == "fsdp":
-            from ddp_train.sharding import even_batches
+            from ddp_train.distributed.fsdp import even_batches
 
             batches = even_batches(self.val_loader, self.env)
         else:
@@ -768,7 +768,7 @@ class Trainer:
 
     def _write_model(self) -> None:
         if self.strategy == "fsdp":
-            from ddp_train.sharding import full_model_state_dict
+            from ddp_train.distributed.fsdp import full_model_state_dict
 
             state = full_model_state_dict(self.module)  # a collective: every rank takes part
             if self.env.is_main:

@@ -41,7 +41,7 @@ from starlette.requests import ClientDisconnect
 
 from ddp_train.errors import ConfigError
 from ddp_train.extras import require
-from ddp_train.manifest import find_export_dir, format_file, read_manifest
+from ddp_train.tools.manifest import find_export_dir, format_file, read_manifest
 
 log = logging.getLogger("ddp_train")
 

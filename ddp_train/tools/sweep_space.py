@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from ddp_train.child_runs import override
+from ddp_train.tools.child_runs import override
 from ddp_train.config import load_config, parse_yaml
 from ddp_train.errors import ConfigError
 

@@ -6,7 +6,7 @@ in exactly one validation fold. Its own validation set is left aside (keep it as
 final test set). Fold k trains in ``<run_dir>/folds/<k>/`` on the other folds and
 validates on fold k; the split is written to ``<run_dir>/folds/<k>/split.json`` and the
 run reads it through the data factory :func:`fold`, so each fold is an ordinary run
-(``data.name: ddp_train.cross_validation:fold``) that resumes, and can be re-run, alone.
+(``data.name: ddp_train.tools.cross_validation:fold``) that resumes, and can be re-run, alone.
 
 ``<run_dir>/cv_summary.json`` holds each fold's sizes and final validation metrics, and
 their mean and standard deviation (population, as scikit-learn's ``cross_val_score(...).std()``).
@@ -25,15 +25,15 @@ from typing import Any, Callable, Sequence
 
 from torch.utils.data import Dataset, Subset
 
-from ddp_train.child_runs import ChildRun, StopRequests, override
+from ddp_train.tools.child_runs import ChildRun, StopRequests, override
 from ddp_train.config import load_config
-from ddp_train.datasets import DATASETS
+from ddp_train.components.datasets import DATASETS
 from ddp_train.errors import ConfigError, TrainingFailed
-from ddp_train.run_dir import atomic_write_bytes
+from ddp_train.checkpoint.run_directory import atomic_write_bytes
 
 log = logging.getLogger("ddp_train")
 
-FACTORY = "ddp_train.cross_validation:fold"
+FACTORY = "ddp_train.tools.cross_validation:fold"
 POLL_S = 0.2
 
 

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ddp_train.errors import ConfigError
-from ddp_train.registry import Registry
+from ddp_train.components.registry import Registry
 
 DATASETS = Registry("data set", "data.name")
 

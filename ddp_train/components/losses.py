@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ddp_train.errors import ConfigError
-from ddp_train.registry import Registry
+from ddp_train.components.registry import Registry
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

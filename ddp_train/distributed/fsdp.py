@@ -26,9 +26,9 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, default_collate
 
 from ddp_train.config import FSDPConfig
-from ddp_train.distributed import DistEnv
+from ddp_train.distributed.environment import DistEnv
 from ddp_train.errors import ConfigError
-from ddp_train.models import GPTBlock
+from ddp_train.components.models import GPTBlock
 
 Strategy = Literal["none", "ddp", "fsdp"]
 

@@ -1,7 +1,7 @@
 """``ddp-train lr-find``: an exponential learning-rate range test.
 
 The configured model, data, optimizer and loss are built exactly as for training (by the
-:class:`~ddp_train.trainer.Trainer`, at any world size, DDP included), then trained for
+:class:`~ddp_train.training.trainer.Trainer`, at any world size, DDP included), then trained for
 ``--num-steps`` steps while the LR grows exponentially from ``--start-lr`` to
 ``--end-lr``. Each step's loss is averaged over micro-batches and ranks, smoothed with an
 exponential moving average (bias-corrected, factor 0.98), and the test stops early once
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ddp_train.child_runs import override
+from ddp_train.tools.child_runs import override
 from ddp_train.config import TrainConfig, load_config
 from ddp_train.errors import ConfigError, TrainingFailed
 
@@ -91,7 +91,7 @@ def run_range_test(config: TrainConfig, lrs: list[float]) -> RangeTest:
 
     Every rank gets the same (all-reduced) losses and hence stops at the same step.
     """
-    from ddp_train.trainer import Trainer  # heavy: only when testing
+    from ddp_train.training.trainer import Trainer  # heavy: only when testing
 
     scratch = copy.deepcopy(config)
     scratch.logging.progress = "none"

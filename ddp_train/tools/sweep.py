@@ -1,6 +1,6 @@
 """``ddp-train sweep``: hyperparameter search with Optuna, each trial an ordinary training run.
 
-A trial is a child run (:mod:`ddp_train.child_runs`) in ``<run_dir>/trials/<number>/``
+A trial is a child run (:mod:`ddp_train.tools.child_runs`) in ``<run_dir>/trials/<number>/``
 on ``--nproc`` ranks. This process, the worker, follows the trial's metrics.jsonl, reports
 every validation of the objective metric to Optuna, and stops a trial the pruner gives
 up on with SIGTERM (the trial ends as a preempted run). Only the worker knows Optuna, so
@@ -38,12 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ddp_train.child_runs import ChildRun, MetricsFollower, StopRequests, override
+from ddp_train.tools.child_runs import ChildRun, MetricsFollower, StopRequests, override
 from ddp_train.config import config_to_yaml, load_config
 from ddp_train.errors import ConfigError
 from ddp_train.extras import require
-from ddp_train.run_dir import atomic_write_bytes
-from ddp_train.sweep_space import Parameter, read_space
+from ddp_train.checkpoint.run_directory import atomic_write_bytes
+from ddp_train.tools.sweep_space import Parameter, read_space
 
 log = logging.getLogger("ddp_train")
 

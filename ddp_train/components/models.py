@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrizations, parametrize
 
-from ddp_train.registry import Registry
+from ddp_train.components.registry import Registry
 
 MODELS = Registry("model", "model.name")
 

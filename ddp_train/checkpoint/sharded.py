@@ -43,10 +43,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict, set_state_dict)
 
-from ddp_train.checkpoint import (FORMAT_VERSION, REQUIRED_KEYS, CheckpointDirectory, CheckpointFile,
+from ddp_train.checkpoint.files import (FORMAT_VERSION, REQUIRED_KEYS, CheckpointDirectory, CheckpointFile,
                                   _fsync_directory, _write_atomically, read_checkpoint)
 from ddp_train.config import CheckpointConfig
-from ddp_train.distributed import DistEnv
+from ddp_train.distributed.environment import DistEnv
 from ddp_train.errors import ConfigError
 
 log = logging.getLogger("ddp_train")
@@ -298,7 +298,7 @@ class ShardedCheckpointManager(CheckpointDirectory):
     """Saves (every rank), rotates, finds and loads the checkpoints of a sharded run.
 
     Lists sharded directories and single-file checkpoints together, by step; the same
-    completeness, rotation and best rules as :class:`~ddp_train.checkpoint.CheckpointManager`.
+    completeness, rotation and best rules as :class:`~ddp_train.checkpoint.files.CheckpointManager`.
     """
 
     def __init__(self, directory: Path, config: CheckpointConfig, env: DistEnv) -> None:

@@ -1,7 +1,7 @@
 """``ddp-train export RUN_DIR``: a trained model as ONNX, ``torch.export`` and TorchScript files.
 
 The model is rebuilt from the run's ``config.yaml`` with the registries the Trainer
-uses (:mod:`ddp_train.factories`), loaded from ``model.pt`` (``weights_only``), and
+uses (:mod:`ddp_train.components.parts`), loaded from ``model.pt`` (``weights_only``), and
 exported with a dynamic batch axis. Every file is then run on real validation batches of
 several sizes (onnxruntime for ONNX) and compared with the eager model: a difference over
 the tolerance fails the export (exit 1) and no manifest is written, so an export
@@ -38,16 +38,16 @@ from torch.utils.data.dataloader import default_collate
 
 import ddp_train
 from ddp_train.config import TrainConfig, load_config
-from ddp_train.datasets import DATASETS
+from ddp_train.components.datasets import DATASETS
 from ddp_train.errors import ConfigError, ExportFailed
 from ddp_train.extras import require
-from ddp_train.factories import build_datasets, build_model, infer_task
-from ddp_train.losses import LossFn, build_loss
-from ddp_train.manifest import (BATCH_AXIS, FORMAT_FILES, FORMAT_VERSION, MANIFEST_NAME, sha256_of,
+from ddp_train.components.parts import build_datasets, build_model, infer_task
+from ddp_train.components.losses import LossFn, build_loss
+from ddp_train.tools.manifest import (BATCH_AXIS, FORMAT_FILES, FORMAT_VERSION, MANIFEST_NAME, sha256_of,
                                 write_manifest)
-from ddp_train.metrics import MetricAccumulator
-from ddp_train.models import MODELS
-from ddp_train.rng import seed_everything
+from ddp_train.training.metrics import MetricAccumulator
+from ddp_train.components.models import MODELS
+from ddp_train.training.rng import seed_everything
 
 FORMATS = ("onnx", "exported", "torchscript")
 """The formats ``--format all`` writes, in the order they are exported."""

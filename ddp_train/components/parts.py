@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from ddp_train.config import DataConfig, ModelConfig
 from ddp_train.errors import ConfigError
-from ddp_train.losses import LOSS_TASKS
+from ddp_train.components.losses import LOSS_TASKS
 
 
 def call_factory(factory: Callable[..., Any], args: dict[str, Any], key: str) -> Any:
