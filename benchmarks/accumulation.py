@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from common import (Workload, init_process_group, median, paired_bootstrap, rank_device,
                     shuffled_rounds, spawn_ranks, summarize, synchronize)
@@ -59,8 +60,8 @@ def _count(workload: Workload, device: torch.device, output_dir: str, world_size
     loop = TrainerLoop(workload, workload.build_dataset(world_size), device, output_dir,
                        f"count_{workload.name}", steps, [f"train.grad_accum_steps={ACCUM}"],
                        loss_fn=counting_loss)
-    assert loop.trainer.ddp is not None
-    loop.trainer.ddp.register_comm_hook(None, counting_hook)
+    assert isinstance(loop.trainer.model, DistributedDataParallel)
+    loop.trainer.model.register_comm_hook(None, counting_hook)
     loop.run(steps)
     loop.close()
     assert micro_batches == steps * ACCUM

@@ -1,4 +1,4 @@
-"""Benchmark: what does ``CheckpointManager.save`` cost compared with a bare ``torch.save``?
+"""Benchmark: what does ``FileCheckpointStore.save`` cost compared with a bare ``torch.save``?
 
 What is measured, on one realistic training state (a GPT from ``ddp_train.components.models.gpt``,
 its AdamW optimizer after one real step so ``exp_avg``/``exp_avg_sq`` exist, the LR
@@ -8,7 +8,7 @@ schedule, and the small extra keys, in the layout of ``Trainer.state_dict()``):
   bytes may still be in the page cache when it returns.
 * ``raw_torch_save_fsync_s``: the same plus ``os.fsync`` of the file. The durable
   baseline.
-* ``sync_save_s``: ``CheckpointManager(dir, CheckpointConfig(keep_last=2)).save(state,
+* ``sync_save_s``: ``FileCheckpointStore(dir, CheckpointConfig(keep_last=2)).save(state,
   step, periodic=True, best=False)``: temporary file, ``torch.save``, flush, fsync,
   rename, fsync of the directory, rotation.
 * ``async_blocking_s``: the same with ``async_save=True``, timing only the ``save`` call
@@ -35,7 +35,6 @@ Run: ``python benchmarks/checkpoint_save.py [--repeats N] [--out DIR]``; writes
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -49,7 +48,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ddp_train.checkpoint.files import FORMAT_VERSION, CheckpointManager, read_checkpoint
+from ddp_train.checkpoint.single_file import FileCheckpointStore, read_checkpoint
+from ddp_train.checkpoint.store import FORMAT_VERSION
 from ddp_train.config import (CheckpointConfig, EarlyStoppingConfig, OptimConfig, ScheduleConfig,
                               TrainConfig, config_to_dict)
 from ddp_train.training.early_stopping import EarlyStopping
@@ -57,7 +57,7 @@ from ddp_train.components.models import gpt
 from ddp_train.components.optimizers import build_optimizer, build_schedule
 from ddp_train.distributed.precision import Precision
 from ddp_train.training.rng import capture_rng
-from ddp_train.training.trainer import TrainingProgress
+from ddp_train.training.progress import TrainingProgress
 
 MODEL_ARGS: dict[str, Any] = {"vocab_size": 256, "block_size": 256, "n_layer": 4, "n_head": 8,
                               "n_embd": 512}
@@ -71,7 +71,7 @@ TIMINGS: tuple[str, ...] = ("raw_torch_save_s", "raw_torch_save_fsync_s", "sync_
 LABELS: dict[str, str] = {
     "raw_torch_save_s": "torch.save\n(no fsync)",
     "raw_torch_save_fsync_s": "torch.save\n+ fsync",
-    "sync_save_s": "CheckpointManager\n.save (sync)",
+    "sync_save_s": "FileCheckpointStore\n.save (sync)",
     "async_blocking_s": "async save:\ntime blocked",
     "async_total_s": "async save:\nsave + wait",
 }
@@ -99,7 +99,7 @@ def build_state() -> dict[str, Any]:
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "precision": Precision("fp32", torch.device("cpu")).state_dict(),
             "early_stopping": EarlyStopping(EarlyStoppingConfig()).state_dict(),
-            "progress": dataclasses.asdict(progress),
+            "progress": progress.state_dict(),
             "sampler": {"epoch": 0, "seed": 0, "start_index": 0},
             "ranks": [rank_state], "world_size": 1, "config": config_to_dict(config)}
 
@@ -126,8 +126,8 @@ class Variants:
         self.state = state
         self.directory = directory
         self.raw_path = directory / "raw.pt"
-        self.sync_manager = CheckpointManager(directory, CheckpointConfig(keep_last=2))
-        self.async_manager = CheckpointManager(directory, CheckpointConfig(keep_last=2,
+        self.sync_manager = FileCheckpointStore(directory, CheckpointConfig(keep_last=2))
+        self.async_manager = FileCheckpointStore(directory, CheckpointConfig(keep_last=2,
                                                                            async_save=True))
 
     def raw_save(self, step: int) -> dict[str, float]:

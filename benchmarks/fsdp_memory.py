@@ -11,8 +11,8 @@ fp32, in freshly spawned ranks (gloo on CPU, one intra-op thread per rank):
   tensor otherwise. This is the memory that sharding divides; activations and the
   temporarily gathered parameters of the unit being computed are not included (they do
   not depend on the strategy, or are bounded by one unit).
-* ``step_s``: start-to-start time of each optimizer step (``common.StepClock`` on the
-  trainer's ``_optimizer_step``), data loading included.
+* ``step_s``: start-to-start time of each optimizer step (``common.StepClock``, a callback
+  of the trainer's), data loading included.
 
 Fairness: both trainers get the same model (same seed), data, per-rank batch and
 schedule; they live in the same processes, share one process group, and run

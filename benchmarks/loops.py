@@ -17,14 +17,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from common import StepClock, Workload, run_trainer_steps, time_trainer_steps, trainer_overrides
+from common import StepClock, Workload, run_trainer_steps, trainer_overrides
 from ddp_train import Trainer
-from ddp_train.config import DistConfig, load_config
-from ddp_train.training.loaders import ResumableSampler
-from ddp_train.distributed.grad_norm import GradNorm
-from ddp_train.distributed.environment import DistEnv
 from ddp_train.components.optimizers import WarmupSchedule
+from ddp_train.config import DistConfig, load_config
+from ddp_train.distributed.environment import DistEnv
+from ddp_train.distributed.grad_norm import GradNorm
 from ddp_train.distributed.preemption import PreemptionWatch
+from ddp_train.training.loaders import ResumableSampler
 
 EXTRAS: dict[str, str] = {
     "grad_norm": "(a) global gradient norm (GradNorm: over DDP's flat buckets)",
@@ -64,9 +64,9 @@ class HandLoop:
             raise ValueError(f"unknown extras {sorted(unknown)}")
         self.device = device
         if borrow is not None:
-            if accum != 1 or borrow.ddp is None:
+            if accum != 1 or not isinstance(borrow.model, DistributedDataParallel):
                 raise ValueError("a borrowing HandLoop needs accum=1 and a Trainer that uses DDP")
-            self.module, self.ddp = borrow.module, borrow.ddp
+            self.module, self.ddp = borrow.module, borrow.model
             self.loader, self.optimizer = borrow.train_loader, borrow.optimizer
             self.sampler = self.loader.sampler  # type: ignore[assignment]
             self.scheduler = borrow.scheduler
@@ -181,11 +181,9 @@ class TrainerLoop:
                  loss_fn: Any = None) -> None:
         config = load_config(None, trainer_overrides(workload, output_dir, name, device, total_steps,
                                                      overrides))
+        self.clock = StepClock()  # a callback: marks the start and end of fit()'s steps
         self.trainer = Trainer(config, model=workload.build_model(), train_dataset=dataset,
-                               val_dataset=None, loss_fn=loss_fn)
-        self.clock = StepClock()
-        self._step_code = self.trainer._optimizer_step  # the step itself, before the clock
-        time_trainer_steps(self.trainer, self.clock)
+                               val_dataset=None, loss_fn=loss_fn, callbacks=[self.clock])
         self._batches: Iterator[Any] | None = None
 
     def run(self, steps: int) -> None:
@@ -193,16 +191,13 @@ class TrainerLoop:
         run_trainer_steps(self.trainer, steps)
 
     def step(self) -> None:
-        """One optimizer step of the Trainer's own step code (what ``fit()`` calls each step),
-        alone: ``fit()``'s per-step bookkeeping around it is not in it."""
+        """One optimizer step of the Trainer's own step (what ``fit()`` calls each step, its
+        micro-batches loaded from ``step_batches()``) alone: ``fit()``'s per-step
+        bookkeeping around it is not in it."""
         if self._batches is None:
-            self._batches = self._forever()
-        self._step_code(self._batches)
-
-    def _forever(self) -> Iterator[Any]:
-        self.trainer.module.train()
-        while True:
-            yield from self.trainer._epoch_batches()
+            self.trainer.module.train()
+            self._batches = self.trainer.step_batches()
+        self.trainer.train_step(next(self._batches))
 
     def close(self) -> None:
         """``Trainer.close()``: drops DDP; the caller's process group stays."""

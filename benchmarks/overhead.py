@@ -21,7 +21,7 @@ before every block. The whole measurement is repeated in R replicas, each a fres
 of processes with its own round orders, so what stays put within a process (thread
 placement, say) shows in the intervals too. A step's time is the interval between the starts of two
 consecutive steps of a block (a :class:`~common.StepClock` on every variant, on the
-Trainer through its ``_optimizer_step``), so it holds data loading, the step and the
+Trainer as a callback), so it holds data loading, the step and the
 loop's own bookkeeping; ``fit()``'s per-call costs (start, end-of-run loss reduction,
 ``model.pt``/``summary.json``) fall outside the intervals and are reported separately
 from whole-block times. Interleaving puts drift of the machine on every variant alike;
@@ -149,9 +149,10 @@ def paired_steps(loops: dict[str, HandLoop | TrainerLoop], iterations: int, seed
     whole blocks of steps here, so the difference of two loops' timed steps in the same
     iteration resolves microseconds that block medians cannot. Without the warm steps a
     loop's code would run cold after three others, which costs the Trainer (more code
-    than a hand loop) tens of µs that no real run pays. The Trainer's step is its
-    ``_optimizer_step`` (``fit()``'s bookkeeping between steps is measured from the block
-    runs instead); the hand loops' steps leave out the preemption extra.
+    than a hand loop) tens of µs that no real run pays. The Trainer's step is its public
+    ``train_step`` on the next ``step_batches()`` (``fit()``'s bookkeeping between steps is
+    measured from the block runs instead); the hand loops' steps leave out the preemption
+    extra.
     """
     rng = random.Random(seed)
     times: dict[str, list[float]] = {name: [] for name in PAIRED}

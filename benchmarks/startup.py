@@ -12,9 +12,9 @@ prints:
 * ``first_step_s``: ``python -m ddp_train`` with the default config (the newcomer's run:
   the built-in MLP on scikit-learn's digits, world size 1), ``train.max_steps=1``, up to
   the end of its first optimizer step: imports, config, data set, model, run directory,
-  DataLoader, the step. The child is ``runpy`` running the real ``ddp_train`` entry point
-  with ``Trainer._optimizer_step`` wrapped to print the mark after its first call (what
-  follows, validation and the run's files, is not counted);
+  DataLoader, the step. The child is the real entry point; its optimizer is
+  ``optim.name=startup_mark:MarkingAdamW``, torch's AdamW that prints the mark after its
+  first ``step()`` (what follows, validation and the run's files, is not counted);
 * ``first_step_torchrun2_s`` (optional): the same under
   ``torchrun --standalone --nproc_per_node=2``: the agent, 2 workers, the rendezvous, the
   process group, DDP; the mark is rank 0's.
@@ -53,39 +53,41 @@ optimizer.zero_grad(set_to_none=True)
 print("{MARK}" + repr(time.monotonic()), flush=True)
 """
 
-_CHILD = f"""\
-import os, runpy, sys, time
-import ddp_train.training.trainer as trainer_module
+_MARKING_OPTIMIZER = f"""\
+import os, time
 
-step = trainer_module.Trainer._optimizer_step
+import torch
 
-def first_step(self, batches):
-    result = step(self, batches)
-    if os.environ.get("RANK", "0") == "0":
-        print("{MARK}" + repr(time.monotonic()), flush=True)
-    trainer_module.Trainer._optimizer_step = step
-    return result
 
-trainer_module.Trainer._optimizer_step = first_step
-sys.argv = ["ddp_train", *sys.argv[1:]]
-runpy.run_module("ddp_train", run_name="__main__", alter_sys=True)
+class MarkingAdamW(torch.optim.AdamW):
+    \"\"\"torch's AdamW that prints the mark (on rank 0) when its first step is done.\"\"\"
+
+    marked = False
+
+    def step(self, closure=None):
+        result = super().step(closure)
+        if not MarkingAdamW.marked and os.environ.get("RANK", "0") == "0":
+            MarkingAdamW.marked = True
+            print("{MARK}" + repr(time.monotonic()), flush=True)
+        return result
 """
 
 
-def _environment() -> dict[str, str]:
-    """The parent's environment without launcher variables; ddp_train importable."""
+def _environment(cwd: str) -> dict[str, str]:
+    """The parent's environment without launcher variables; ddp_train and ``cwd`` (which
+    holds the marking optimizer's module) importable."""
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_",
             "TORCHELASTIC_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     repo = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, cwd, env.get("PYTHONPATH")]))
     return env
 
 
 def _until_mark(cmd: list[str], cwd: str, timeout: float) -> float:
     """Seconds from starting ``cmd`` to its first mark line; the child then runs to its end."""
     start = time.monotonic()
-    result = subprocess.run(cmd, cwd=cwd, env=_environment(), capture_output=True, text=True,
+    result = subprocess.run(cmd, cwd=cwd, env=_environment(cwd), capture_output=True, text=True,
                             stdin=subprocess.DEVNULL, timeout=timeout)
     for line in result.stdout.splitlines():
         if line.startswith(MARK):
@@ -97,22 +99,22 @@ def _until_mark(cmd: list[str], cwd: str, timeout: float) -> float:
 def run(repeats: int, torchrun: bool) -> dict[str, Any]:
     """Alternate the kinds ``repeats`` times; samples, medians and the ratio."""
     python = sys.executable
-    train_args = ["train.max_steps=1", "logging.progress=none", "checkpoint.every_epochs=0"]
+    train_args = ["train.max_steps=1", "logging.progress=none", "checkpoint.every_epochs=0",
+                  "optim.name=startup_mark:MarkingAdamW"]
     samples: dict[str, list[float]] = {"python_s": [], "import_torch_s": [], "plain_first_step_s": [],
                                        "first_step_s": []}
     if torchrun:
         samples["first_step_torchrun2_s"] = []
     with tempfile.TemporaryDirectory(prefix="ddp_bench_startup_") as tmp:
-        child = Path(tmp) / "first_step.py"
-        child.write_text(_CHILD)
+        (Path(tmp) / "startup_mark.py").write_text(_MARKING_OPTIMIZER)
         commands = {
             "python_s": [python, "-c", f"import time; print({MARK!r} + repr(time.monotonic()))"],
             "import_torch_s": [python, "-c", f"import time, torch; print({MARK!r} + "
                                              f"repr(time.monotonic()))"],
             "plain_first_step_s": [python, "-c", _PLAIN],
-            "first_step_s": [python, str(child), *train_args],
+            "first_step_s": [python, "-m", "ddp_train", *train_args],
             "first_step_torchrun2_s": [python, "-m", "torch.distributed.run", "--standalone",
-                                       "--nproc_per_node=2", str(child), *train_args],
+                                       "--nproc_per_node=2", "-m", "ddp_train", *train_args],
         }
         _until_mark(commands["first_step_s"], tmp, timeout=120)  # warms the page cache
         for _ in range(repeats):

@@ -2,12 +2,12 @@
 
 from typing import Any
 
-__version__ = "0.1.0"
+from ddp_train.config import TrainConfig, load_config
+from ddp_train.errors import ConfigError, TrainingFailed, UsageError
+from ddp_train.version import __version__
 
-from ddp_train.config import TrainConfig, load_config  # noqa: E402
-from ddp_train.errors import ConfigError, TrainingFailed  # noqa: E402
-
-__all__ = ["Trainer", "TrainConfig", "load_config", "ConfigError", "TrainingFailed", "__version__"]
+__all__ = ["Trainer", "TrainConfig", "load_config", "ConfigError", "TrainingFailed", "UsageError",
+           "__version__"]
 
 
 def __getattr__(name: str) -> Any:

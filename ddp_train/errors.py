@@ -1,4 +1,4 @@
-"""Exceptions that the entry point turns into exit codes (DESIGN.md: 1 failed, 2 usage)."""
+"""Exceptions that the entry point turns into exit codes: 1 training failed, 2 usage or config error."""
 
 from __future__ import annotations
 
@@ -16,6 +16,18 @@ class ConfigError(Exception):
         super().__init__(f"{key}: {message}" if key else message)
 
 
+class UsageError(Exception):
+    """A command-line flag or argument that cannot be used: reported without a traceback, exit code 2.
+
+    ``option`` names it as the command line spells it (``--port``, ``RUN_DIR``).
+    """
+
+    def __init__(self, option: str, message: str) -> None:
+        self.option = option
+        self.message = message
+        super().__init__(f"{option}: {message}")
+
+
 class TrainingFailed(Exception):
     """Training could not go on (non-finite loss, out of memory): exit code 1, no traceback.
 
@@ -30,3 +42,13 @@ class TrainingFailed(Exception):
 
 class ExportFailed(Exception):
     """A model could not be exported, or an exported file does not answer like the model: exit 1."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none), at most ``limit`` characters.
+
+    For one-line reports of errors raised by libraries, whose messages may run over many
+    lines, or be empty.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]

@@ -14,11 +14,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
 from ddp_train.components.datasets import (DATASETS, _digits_table, chars, digits, synthetic_classification,
-                                synthetic_regression)
-from ddp_train.errors import ConfigError
+                                           synthetic_regression)
 from ddp_train.components.losses import build_loss
-from ddp_train.components.models import (INIT_SCHEMES, MODELS, apply_init, apply_norm, cnn, gpt, mlp,
-                              plain_state_dict)
+from ddp_train.components.models import MODELS, cnn, gpt, mlp
+from ddp_train.components.weights import INIT_SCHEMES, apply_init, apply_norm, plain_state_dict
+from ddp_train.errors import ConfigError
 
 # Small sizes keep the whole file fast on a shared CPU.
 SMALL_GPT = {"vocab_size": 32, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}

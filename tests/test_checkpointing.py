@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from torch.utils.data import TensorDataset
 
 from conftest import clean_env, load_model, read_metrics, read_summary, run_cli
 from ddp_train import Trainer
-from ddp_train.checkpoint.files import CheckpointManager, read_checkpoint
+from ddp_train.checkpoint.single_file import FileCheckpointStore, read_checkpoint
 from ddp_train.cli import main
 from ddp_train.config import load_config
 
@@ -156,7 +155,7 @@ def test_slurm_signals_preempt_a_single_process(signum: signal.Signals, workdir:
     assert f"{signum.name} received" in stderr
     summary = read_summary(run_dir)
     assert summary["status"] == "preempted"
-    assert CheckpointManager(run_dir / "checkpoints", load_config().checkpoint).list()[-1].step == summary["global_step"]
+    assert FileCheckpointStore(run_dir / "checkpoints", load_config().checkpoint).list()[-1].step == summary["global_step"]
 
 
 @pytest.mark.timeout(150)
@@ -202,7 +201,7 @@ def test_a_kill_during_a_checkpoint_write_never_leaves_a_loadable_partial(workdi
         proc.wait()
         if any(p.name.startswith(".") for p in checkpoints.iterdir()):
             # Every checkpoint that resume could pick is complete and loads.
-            for checkpoint in CheckpointManager(checkpoints, load_config().checkpoint).list():
+            for checkpoint in FileCheckpointStore(checkpoints, load_config().checkpoint).list():
                 read_checkpoint(checkpoint.path)
             break
     assert caught, "never caught a save in progress"
@@ -254,7 +253,7 @@ def test_async_save_matches_sync_and_keeps_the_best_apart(workdir: Path,
     assert main([*common, "run.name=async", "checkpoint.async_save=true"]) == 0
     _assert_bitwise_equal(load_model(workdir / "runs" / "sync"), load_model(workdir / "runs" / "async"))
     for name in ("sync", "async"):
-        files = CheckpointManager(workdir / "runs" / name / "checkpoints", load_config().checkpoint).list()
+        files = FileCheckpointStore(workdir / "runs" / name / "checkpoints", load_config().checkpoint).list()
         best_step = read_summary(workdir / "runs" / name)["best"]["step"]
         assert [(c.kind, c.step) for c in files] == sorted(
             [("best", best_step), ("step", 176)], key=lambda kind_step: (kind_step[1], kind_step[0] == "step"))

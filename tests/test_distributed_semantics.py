@@ -1,4 +1,4 @@
-"""DESIGN.md's distributed semantics, proven with real processes on gloo."""
+"""The distributed semantics users rely on (README), proven with real processes on gloo."""
 
 
 from pathlib import Path
@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from sklearn import metrics as skm
 
 from conftest import load_model, read_summary, run_cli, run_cli_concurrently, spawn_ranks
@@ -82,8 +83,8 @@ def _count_allreduces(rank: int, world_size: int, out_dir: str) -> dict[str, Any
     train, val = blobs(n_train=96)
     with Trainer(config, model=tiny_mlp(), train_dataset=train, val_dataset=None,
                  loss_fn=counting_loss) as trainer:
-        assert trainer.ddp is not None
-        trainer.ddp.register_comm_hook(None, counting_hook)
+        assert isinstance(trainer.model, DistributedDataParallel)
+        trainer.model.register_comm_hook(None, counting_hook)
         trainer.fit()
         steps = trainer.progress.global_step
     return {"calls": calls, "steps": steps, "micro_batches": micro_batches}

@@ -20,12 +20,12 @@ import torch.distributed as dist
 
 from conftest import read_metrics, read_summary, spawn_ranks
 from ddp_train import Trainer
-from ddp_train.checkpoint.files import read_checkpoint
 from ddp_train.cli import main
 from ddp_train.config import load_config
 from ddp_train.components.losses import build_loss
 from ddp_train.components.models import gpt
-from ddp_train.checkpoint.sharded import ShardedCheckpointManager
+from ddp_train.checkpoint.sharded import ShardedCheckpointStore
+from ddp_train.checkpoint.single_file import read_checkpoint
 from ddp_train.distributed.fsdp import held_bytes
 
 # AdamW, a cosine schedule with warmup, clipping and 2 micro-batches per step: every kind
@@ -237,7 +237,7 @@ def test_incomplete_sharded_checkpoint_is_skipped(two_ranks: tuple[Path, list[di
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     (checkpoints / ".step_00000030.tmp-123").mkdir()  # a save killed half-way
     config = load_config(None, [])
-    manager = ShardedCheckpointManager(checkpoints, config.checkpoint, env=None)  # type: ignore[arg-type]
+    manager = ShardedCheckpointStore(checkpoints, config.checkpoint)
     manager.remove_stale_temporaries()
     assert not (checkpoints / ".step_00000030.tmp-123").exists()
     warnings = _Collect()

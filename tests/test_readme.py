@@ -20,7 +20,7 @@ def _quick_start_commands() -> list[str]:
 def test_quick_start_has_two_commands_and_ci_runs_the_test_one() -> None:
     setup_and_train, setup_and_test = _quick_start_commands()
     assert "torchrun" in setup_and_train and "--nproc_per_node=2" in setup_and_train
-    assert setup_and_test.endswith("python -m pytest")
+    assert setup_and_test.endswith("lint-imports && python -m pytest")
     ci_lines = (REPO / ".ci" / "run").read_text().splitlines()
     assert setup_and_test in ci_lines, "CI must run the README's test command verbatim"
 

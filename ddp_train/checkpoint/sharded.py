@@ -23,11 +23,8 @@ by ``ddp-train convert``) are listed and loaded alongside.
 from __future__ import annotations
 
 import io
-import logging
-import os
 import pickle
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,17 +36,12 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     get_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ddp_train.checkpoint.files import (FORMAT_VERSION, REQUIRED_KEYS, CheckpointDirectory, CheckpointFile,
-                                  _fsync_directory, _write_atomically, read_checkpoint)
-from ddp_train.config import CheckpointConfig
-from ddp_train.distributed.environment import DistEnv
-from ddp_train.errors import ConfigError
-
-log = logging.getLogger("ddp_train")
+from ddp_train.checkpoint.atomic import atomic_link, fsync_directory, publish, remove, temporary_path
+from ddp_train.checkpoint.single_file import read_checkpoint, save_file
+from ddp_train.checkpoint.store import FORMAT_VERSION, REQUIRED_KEYS, CheckpointFile, CheckpointStore
+from ddp_train.errors import first_line
 
 TRAINER_STATE = "trainer.pt"
 """The file of a sharded checkpoint that holds everything but the model and optimizer tensors."""
@@ -158,24 +150,6 @@ def optimizer_state_by_name(state: dict[str, Any], model: nn.Module,
             "param_groups": groups}
 
 
-def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The whole optimizer state in ``optimizer.state_dict()``'s form on rank 0 (a collective)."""
-    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True))
-    return optimizer_state_by_index(state) if state else {}
-
-
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
-                    optimizer_state: dict[str, Any]) -> None:
-    """Load a single-file checkpoint's full model and optimizer state into a sharded model.
-
-    Every rank passes the full state; each keeps its own shards.
-    """
-    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
-    set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(optimizer_state, model, optimizer),
-                             options=StateDictOptions(full_state_dict=True))
-
-
 # ---------------------------------------------------------------------------------------
 # One sharded checkpoint.
 
@@ -198,13 +172,13 @@ def read_sharded(path: Path) -> dict[str, Any]:
         state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
     except Exception as exc:  # missing, truncated, not a torch file, unsafe pickle...
         raise ValueError(f"has no loadable {TRAINER_STATE} ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]})") from None
+                         f"{first_line(exc, 200)})") from None
     state = _check_trainer_state(state)
     try:
         metadata = SafeReader(path).read_metadata()
     except Exception as exc:
         raise ValueError(f"has no loadable .metadata ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]})") from None
+                         f"{first_line(exc, 200)})") from None
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         if isinstance(info, dcp_filesystem._StorageInfo):
@@ -215,11 +189,6 @@ def read_sharded(path: Path) -> dict[str, Any]:
             raise ValueError(f"is missing data: shard file {name} is "
                              f"{'absent' if not file.is_file() else 'truncated'}")
     return {**state, "path": str(path)}
-
-
-def read_any(path: Path) -> dict[str, Any]:
-    """A checkpoint of either kind: a sharded directory's trainer state, or a whole file."""
-    return read_sharded(path) if path.is_dir() else read_checkpoint(path)
 
 
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -269,43 +238,16 @@ def sharded_to_single_file(path: Path) -> dict[str, Any]:
     return state
 
 
-def convert_to_file(checkpoint: Path, out: Path | None = None) -> Path:
-    """Write sharded ``checkpoint`` as one file (default: ``<checkpoint>.pt``); returns its path.
-
-    The file is written atomically and is an ordinary single-file checkpoint.
-    """
-    if not checkpoint.is_dir():
-        reason = "is a file" if checkpoint.exists() else "does not exist"
-        raise ConfigError("CHECKPOINT_DIR", f"expected a sharded checkpoint directory, got "
-                                            f"{str(checkpoint)!r} ({reason})")
-    target = out if out is not None else checkpoint.with_name(checkpoint.name + ".pt")
-    if target.is_dir():
-        raise ConfigError("--out", f"expected a file name, got the directory {str(target)!r}")
-    try:
-        state = sharded_to_single_file(checkpoint)
-    except ValueError as exc:
-        raise ConfigError("CHECKPOINT_DIR", f"checkpoint {str(checkpoint)!r} {exc}") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(state, target)
-    return target
-
-
 # ---------------------------------------------------------------------------------------
 # The checkpoints of a run.
 
 
-class ShardedCheckpointManager(CheckpointDirectory):
+class ShardedCheckpointStore(CheckpointStore):
     """Saves (every rank), rotates, finds and loads the checkpoints of a sharded run.
 
     Lists sharded directories and single-file checkpoints together, by step; the same
-    completeness, rotation and best rules as :class:`~ddp_train.checkpoint.files.CheckpointManager`.
+    completeness, rotation and best rules as the single-file store.
     """
-
-    def __init__(self, directory: Path, config: CheckpointConfig, env: DistEnv) -> None:
-        super().__init__(directory, config)
-        self.env = env
-
-    # -- finding (rank 0) -------------------------------------------------------------
 
     def list(self) -> list[CheckpointFile]:
         """Complete checkpoints of both kinds, oldest first; temporaries are never listed."""
@@ -318,92 +260,53 @@ class ShardedCheckpointManager(CheckpointDirectory):
         return sorted(found, key=lambda c: (c.step, c.kind == "step", c.path.is_dir()))
 
     def read(self, path: Path) -> dict[str, Any]:
-        """A sharded directory's trainer state, or a single-file checkpoint."""
-        return read_any(path)
+        """A sharded directory's trainer state (plus its ``path``), or a single-file checkpoint."""
+        return read_sharded(path) if path.is_dir() else read_checkpoint(path)
 
     def delete(self, path: Path) -> None:
         """Remove a checkpoint directory or file."""
-        _remove(path)
+        remove(path)
 
     def is_checkpoint_directory(self, path: Path) -> bool:
         """A checkpoint's own directory: by its name, its trainer state, or DCP's index."""
         return (_DIR_NAME.match(path.name) is not None or (path / TRAINER_STATE).exists()
                 or super().is_checkpoint_directory(path))
 
-    # -- saving (every rank) ----------------------------------------------------------
-
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, Any], step: int, periodic: bool, best: bool) -> None:
+    def save(self, state: dict[str, Any], step: int, *, periodic: bool, best: bool) -> Path:
         """Write the checkpoint of ``step`` as periodic and/or best, then rotate (a collective).
 
-        ``trainer_state`` matters on rank 0 only (the other ranks pass ``{}``).
+        Every rank writes the shards of ``state["model"]`` and of the optimizer state's
+        tensors; rank 0 then writes the rest of ``state`` (complete on rank 0 only).
         """
         name = f"{'step' if periodic else 'best'}_{step:08d}"
+        first = self.directory / name
         temporary: str | None = None
-        if self.env.is_main:
+        if self.ranks.is_main:
             self.directory.mkdir(parents=True, exist_ok=True)
-            temporary = str(self.directory / f".{name}.tmp-{os.getpid()}")
-            _remove(Path(temporary))
+            temporary = str(temporary_path(first))
+            remove(Path(temporary))
         # Rank 0 names the directory every rank writes into (and has made sure it is fresh).
-        tmp = Path(self.env.broadcast_from_main(temporary))
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        optimizer_tensors, optimizer_plain = _split(optimizer_state)
+        tmp = Path(self.ranks.broadcast_from_main(temporary))
+        optimizer_tensors, optimizer_plain = _split(state["optimizer"])
         try:
-            dcp.save({"model": model_state, "optimizer": optimizer_tensors},
+            dcp.save({"model": state["model"], "optimizer": optimizer_tensors},
                      storage_writer=FileSystemWriter(tmp, sync_files=True))
         except CheckpointException as exc:  # e.g. a full disk on some rank
             raise RuntimeError(f"writing checkpoint {name} failed: {_first_failure(exc)}") from None
         # dcp.save returns after every rank's shards are written and .metadata is.
-        if not self.env.is_main:
-            return
-        _write_atomically({**trainer_state, "optimizer_plain": optimizer_plain}, tmp / TRAINER_STATE)
-        _fsync_directory(tmp)
-        first = self.directory / name
-        _publish(tmp, first)
+        if not self.ranks.is_main:
+            return first
+        rest = {key: value for key, value in state.items() if key not in ("model", "optimizer")}
+        save_file({**rest, "optimizer_plain": optimizer_plain}, tmp / TRAINER_STATE)
+        fsync_directory(tmp)
+        publish(tmp, first)
         if periodic and best:
-            # The same files under the second name: hard links instead of a second write.
-            second = self.directory / f"best_{step:08d}"
-            linked = self.directory / f".{second.name}.tmp-{os.getpid()}"
-            _remove(linked)
-            shutil.copytree(first, linked, copy_function=_link_or_copy)
-            _publish(linked, second)
+            atomic_link(first, self.directory / f"best_{step:08d}")
         self._rotate(best)
-
-    def wait(self) -> None:
-        """Nothing runs in the background: saves are synchronous on every rank."""
+        return first
 
 
 def _first_failure(exc: CheckpointException) -> str:
     """One line on what went wrong on the first rank that failed."""
     rank, (error, _) = next(iter(exc.failures.items()))
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return f"rank {rank}: {type(error).__name__}: {first_line[:300]}"
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _link_or_copy(source: str, destination: str) -> None:
-    try:
-        os.link(source, destination)
-    except OSError:  # a file system without hard links
-        shutil.copy2(source, destination)
-
-
-def _publish(temporary: Path, final: Path) -> None:
-    """Rename a finished temporary directory to its final name (replacing an older one)."""
-    if final.exists():
-        # A directory cannot be renamed over a non-empty one: move the old one aside first.
-        # Between the two renames neither is listed; a crash there loses only this step.
-        aside = final.with_name(f".{final.name}.tmp-old-{os.getpid()}")
-        _remove(aside)
-        os.rename(final, aside)
-        os.rename(temporary, final)
-        _remove(aside)
-    else:
-        os.rename(temporary, final)
-    _fsync_directory(final.parent)
+    return f"rank {rank}: {type(error).__name__}: {first_line(error)}"

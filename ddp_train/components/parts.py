@@ -1,21 +1,24 @@
-"""Data sets and models built from the config's registries: what training and export share.
+"""The parts of a run built from its config: data sets, model, loss and validation task.
 
-The Trainer builds its parts through these functions, and ``ddp-train export`` rebuilds
-the very same model and validation data from a run's ``config.yaml`` with them, so the
-two cannot drift apart.
+The Trainer, ``ddp-train export`` (which rebuilds a finished run's model and validation
+data from its ``config.yaml``) and ``ddp-train cv`` all build through
+:class:`PartsBuilder`, so they cannot drift apart.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
 from torch.utils.data import Dataset
 
-from ddp_train.config import DataConfig, ModelConfig
+from ddp_train.components.datasets import DATASETS
+from ddp_train.components.losses import LOSS_TASKS, LossFn, build_loss
+from ddp_train.components.models import MODELS
+from ddp_train.config import TrainConfig
 from ddp_train.errors import ConfigError
-from ddp_train.components.losses import LOSS_TASKS
 
 
 def call_factory(factory: Callable[..., Any], args: dict[str, Any], key: str) -> Any:
@@ -42,27 +45,15 @@ def with_hints(factory: Callable[..., Any], args: dict[str, Any], hints: dict[st
     return {**{k: v for k, v in hints.items() if k in accepted}, **args}
 
 
-def build_datasets(factory: Callable[..., Any], config: DataConfig) -> tuple[Dataset, Dataset | None]:
-    """``(train_dataset, val_dataset)`` from the resolved ``data.name`` factory and ``data.args``."""
-    datasets = call_factory(factory, config.args, "data.args")
+def build_datasets(factory: Callable[..., Any], name: str, args: dict[str, Any], key: str = "data"
+                   ) -> tuple[Dataset, Dataset | None]:
+    """``(train_dataset, val_dataset)`` from data set factory ``name``; errors name ``key``'s
+    ``.args`` or ``.name``."""
+    datasets = call_factory(factory, args, f"{key}.args")
     if not (isinstance(datasets, (tuple, list)) and len(datasets) == 2):
-        raise ConfigError("data.name", f"expected {config.name!r} to return "
-                                       f"(train_dataset, val_dataset), got {type(datasets).__name__}")
+        raise ConfigError(f"{key}.name", f"expected {name!r} to return (train_dataset, val_dataset), "
+                                         f"got {type(datasets).__name__}")
     return datasets[0], datasets[1]
-
-
-def build_model(factory: Callable[..., Any], config: ModelConfig, hints: dict[str, Any]) -> nn.Module:
-    """The model from the resolved ``model.name`` factory, before init, norm and wrapping.
-
-    The data set's size ``hints`` fill in the arguments the user left out; the resolved
-    arguments are written back into ``config.args`` so that ``config.yaml`` records them.
-    """
-    config.args = with_hints(factory, config.args, hints)
-    model = call_factory(factory, config.args, "model.args")
-    if not isinstance(model, nn.Module):
-        raise ConfigError("model.name", f"expected {config.name!r} to return an "
-                                        f"nn.Module, got {type(model).__name__}")
-    return model
 
 
 def infer_task(eval_task: str, val_dataset: Dataset | None, builtin_loss_name: str | None) -> str:
@@ -75,3 +66,67 @@ def infer_task(eval_task: str, val_dataset: Dataset | None, builtin_loss_name: s
         return eval_task
     return getattr(val_dataset, "task", None) or (
         LOSS_TASKS.get(builtin_loss_name, "none") if builtin_loss_name is not None else "none")
+
+
+@dataclass
+class Parts:
+    """What a run trains: the model (built, not yet initialised or moved), its data, loss and task."""
+
+    model: nn.Module
+    train_dataset: Dataset
+    val_dataset: Dataset | None
+    loss_fn: LossFn
+    task: str
+    """The validation metrics besides the loss: classification, regression, language_model or none."""
+
+
+class PartsBuilder:
+    """Builds a config's parts; what a library user passes in is used as it is.
+
+    Every name is resolved (and every user module imported) when the builder is made, so a
+    bad name fails before anything is built, any process group exists or any file is
+    written; :meth:`build` then calls the factories.
+    """
+
+    def __init__(self, config: TrainConfig, *, model: nn.Module | None = None,
+                 train_dataset: Dataset | None = None, val_dataset: Dataset | None = None,
+                 loss_fn: LossFn | None = None) -> None:
+        self.config = config
+        self._model, self._datasets = model, (train_dataset, val_dataset)
+        self._data_factory = DATASETS.resolve(config.data.name) if train_dataset is None else None
+        self._model_factory = MODELS.resolve(config.model.name) if model is None else None
+        # A loss passed in says nothing about the task; a configured one may (LOSS_TASKS).
+        self._loss_name = config.loss.name if loss_fn is None else None
+        self._loss_fn = loss_fn if loss_fn is not None else build_loss(config.loss.name, config.loss.args)
+
+    def datasets(self) -> tuple[Dataset, Dataset | None]:
+        """``(train_dataset, val_dataset)``: the ones passed in, or the data set factory's."""
+        if self._data_factory is None:
+            return self._datasets  # type: ignore[return-value]
+        return build_datasets(self._data_factory, self.config.data.name, self.config.data.args)
+
+    def build(self) -> Parts:
+        """The data sets, then the model (with the sizes the data implies), the loss and the task.
+
+        Factories draw from the global RNGs: seed them alike on every rank first, and every
+        rank builds the same data and the same initial weights.
+        """
+        train_dataset, val_dataset = self.datasets()
+        model = self._model
+        if model is None:
+            assert self._model_factory is not None
+            model = self._build_model(self._model_factory, getattr(train_dataset, "model_hints", {}))
+        task = infer_task(self.config.eval.task, val_dataset, self._loss_name)
+        return Parts(model, train_dataset, val_dataset, self._loss_fn, task)
+
+    def _build_model(self, factory: Callable[..., Any], hints: dict[str, Any]) -> nn.Module:
+        """The model from the ``model.name`` factory; the data set's size ``hints`` fill in the
+        arguments the user left out, and the resolved arguments are written back into
+        ``model.args`` so that ``config.yaml`` records them."""
+        model_config = self.config.model
+        model_config.args = with_hints(factory, model_config.args, hints)
+        model = call_factory(factory, model_config.args, "model.args")
+        if not isinstance(model, nn.Module):
+            raise ConfigError("model.name", f"expected {model_config.name!r} to return an "
+                                            f"nn.Module, got {type(model).__name__}")
+        return model

@@ -61,18 +61,20 @@ class Registry:
         """The built-in names, sorted."""
         return sorted(self._entries)
 
-    def resolve(self, name: str) -> Callable[..., Any]:
-        """The factory for a built-in ``name`` or a ``package.module:attr`` path."""
+    def resolve(self, name: str, key: str | None = None) -> Callable[..., Any]:
+        """The factory for a built-in ``name`` or a ``package.module:attr`` path.
+
+        Errors name ``key``, by default the config key of this kind of block.
+        """
+        key = key or self.config_key
         if ":" in name:
-            obj = import_object(name, self.config_key)
+            obj = import_object(name, key)
             if not callable(obj):
-                raise ConfigError(self.config_key, f"{name!r} is not callable "
-                                                   f"(got {type(obj).__name__})")
+                raise ConfigError(key, f"{name!r} is not callable (got {type(obj).__name__})")
             return obj
         if name in self._entries:
             return self._entries[name]
         close = difflib.get_close_matches(name, self._entries, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(self.config_key, f"unknown {self.kind} {name!r}{hint} "
-                                           f"(built-in: {', '.join(self.names())}; "
-                                           f"or 'package.module:factory')")
+        raise ConfigError(key, f"unknown {self.kind} {name!r}{hint} (built-in: "
+                               f"{', '.join(self.names())}; or 'package.module:factory')")

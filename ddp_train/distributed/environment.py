@@ -219,11 +219,6 @@ class DistEnv:
         dist.gather_object(obj, gathered, dst=0)
         return gathered
 
-    def barrier(self) -> None:
-        """Wait for every rank (no-op without a process group)."""
-        if self.distributed:
-            dist.barrier()
-
     def close(self, barrier: bool = True) -> None:
         """Destroy the process group if this object created it.
 

@@ -1,4 +1,8 @@
-"""Mixed-precision policy: the autocast context, an optional gradient scaler, and its state."""
+"""Mixed-precision policy: the autocast context, an optional gradient scaler, and its state.
+
+It sits beside the strategies because they depend on it: FSDP casts parameters and
+reduces gradients in the dtypes named here, and cannot combine with fp16's scaler.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import torch
 
 from ddp_train.errors import ConfigError
 
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The dtype of each precision name (``train.precision``, ``train.fsdp.reduce_dtype``)."""
 _NO_AUTOCAST = contextlib.nullcontext()  # reusable: one object for every fp32 step
 
 
@@ -22,7 +27,8 @@ class Precision:
                                                  "(its gradient scaler is for CUDA)")
         self.kind = kind
         self.device_type = device.type
-        self.dtype = _DTYPES[kind]
+        self.dtype = None if kind == "fp32" else DTYPES[kind]
+        """The autocast dtype; None for fp32 (no autocast)."""
         self.scaler = torch.amp.GradScaler("cuda") if kind == "fp16" else None
 
     def autocast(self) -> ContextManager[Any]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
+
+log = logging.getLogger("ddp_train")
 
 
 class StepProfiler:
@@ -15,7 +19,8 @@ class StepProfiler:
     ``chrome://tracing`` or https://ui.perfetto.dev), S being the step after the window.
     Call :meth:`start` before the first step, :meth:`step` after every optimizer step
     and :meth:`stop` at the end (also when training ends inside the window: what was
-    recorded so far is written then).
+    recorded so far is written then). As a Trainer callback it does so itself, over each
+    ``fit()``, and logs the summary.
     """
 
     def __init__(self, run_dir: Path, rank: int, device: torch.device, wait: int, warmup: int,
@@ -26,12 +31,13 @@ class StepProfiler:
         on_gpu = device.type == "cuda"
         self._sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
         self._first_step = 0
-        self._running = False
-        self._profiler = profile(
+        self._running = self._started = False
+        self._options: dict[str, Any] = dict(
             activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])],
             schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1),
             on_trace_ready=self._write_trace, record_shapes=record_shapes,
             profile_memory=memory, with_stack=False)
+        self._profiler = profile(**self._options)
 
     def _write_trace(self, prof: profile) -> None:
         # Each rank writes its own file, so the directory is made here, not by rank 0.
@@ -42,6 +48,9 @@ class StepProfiler:
 
     def start(self, global_step: int = 0) -> None:
         """Start counting steps; ``global_step`` (steps already done) numbers the trace files."""
+        if self._started:  # profiled before: a new window of its own
+            self._profiler = profile(**self._options)
+        self._started = True
         self._first_step = global_step
         self._profiler.start()
         self._running = True
@@ -62,3 +71,20 @@ class StepProfiler:
         if self.rank != 0 or not self.traces:
             return None
         return self._profiler.key_averages().table(sort_by=self._sort_by, row_limit=10)
+
+    # The Trainer's callback protocol: profile the first steps of every fit().
+
+    def on_fit_start(self, trainer: Any) -> None:
+        """Start, numbering the traces from the steps already done."""
+        self.start(trainer.progress.global_step)
+
+    def on_step_end(self, trainer: Any, result: Any) -> None:
+        """Mark the step."""
+        self.step()
+
+    def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        """Stop; rank 0 logs the operators with the most self time."""
+        table = self.stop()
+        if table:
+            log.info("top operators by self time (rank 0; traces in %s):\n%s", self.directory, table)
+

@@ -1,20 +1,23 @@
 """Metric sinks behind one tiny protocol: JSONL (always), the console, CSV and TensorBoard.
 
 A record is a flat dict with ``step``, ``epoch`` and ``train/...`` or ``val/...`` keys.
-Only rank 0 creates sinks.
+Only rank 0 creates sinks (:func:`run_sinks`).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from ddp_train.errors import ConfigError
+from ddp_train.checkpoint.atomic import atomic_write
+from ddp_train.checkpoint.run_directory import RunDirectory
+from ddp_train.config import LoggingConfig
+from ddp_train.extras import require
 
 
 class MetricSink(Protocol):
@@ -43,9 +46,9 @@ class JsonlSink:
                         kept.append(line + "\n")
                 except (ValueError, KeyError, TypeError):
                     continue  # a line torn by a kill
-        self._file = path.open("w", encoding="utf-8")
-        self._file.writelines(kept)
-        self._file.flush()
+        # The kept history replaces the file in one rename: a kill now loses none of it.
+        atomic_write(path, "".join(kept).encode())
+        self._file = path.open("a", encoding="utf-8")
 
     def log(self, record: dict[str, Any]) -> None:
         """Append ``record`` as a line (non-finite floats become null: JSON has no NaN)."""
@@ -95,6 +98,10 @@ class ConsoleSink:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
 
+    def on_step_end(self, trainer: Any, result: Any) -> None:
+        """The Trainer's callback after every optimizer step: move the bar along."""
+        self.advance(trainer.progress.global_step)
+
     def log(self, record: dict[str, Any]) -> None:
         """Show a record: validation always as a line; train metrics as the bar's postfix."""
         if self._mode == "none":
@@ -132,7 +139,8 @@ class CsvSink:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._columns: list[str] = []
-        self._file = path.open("w", encoding="utf-8", newline="")
+        atomic_write(path, b"")  # a fresh file, created like every other
+        self._file = path.open("a", encoding="utf-8", newline="")
 
     def log(self, record: dict[str, Any]) -> None:
         """Append ``record`` as a row, widening the header first if it brings new keys."""
@@ -148,13 +156,12 @@ class CsvSink:
         with self.path.open(encoding="utf-8", newline="") as file:
             rows = list(csv.DictReader(file))
         self._columns += new
-        # Rewritten aside and renamed, so a crash mid-rewrite cannot lose the old rows.
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with tmp.open("w", encoding="utf-8", newline="") as file:
-            writer = csv.DictWriter(file, self._columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        # Rewritten in one rename, so a crash mid-rewrite cannot lose the old rows.
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, self._columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.path, text.getvalue().encode())
         self._file = self.path.open("a", encoding="utf-8", newline="")
 
     def close(self) -> None:
@@ -163,12 +170,8 @@ class CsvSink:
 
 
 def require_tensorboard() -> None:
-    """Raise a ConfigError naming the extra unless the tensorboard package imports."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-    except ImportError:
-        raise ConfigError("logging.tensorboard", 'expected the tensorboard package to be '
-                                                 'installed: pip install "ddp_train[tensorboard]"') from None
+    """Raise a ConfigError naming the extra unless the tensorboard package is installed."""
+    require(("tensorboard",), "tensorboard", "logging.tensorboard", "logging.tensorboard")
 
 
 class TensorBoardSink:
@@ -204,3 +207,24 @@ def _has_tqdm() -> bool:
     except ImportError:
         return False
     return True
+
+
+def run_sinks(config: LoggingConfig, run_dir: RunDirectory, total_steps: int, global_step: int,
+              keep_through_step: int | None) -> list[Any]:
+    """The sinks of a run (rank 0): metrics.jsonl, the console, and CSV and TensorBoard when asked.
+
+    ``global_step`` is where training starts; ``keep_through_step`` (a resumed run) keeps
+    the history logged up to that step and drops what came after.
+    """
+    jsonl = JsonlSink(run_dir.metrics_path, keep_through_step)
+    sinks: list[Any] = [jsonl, ConsoleSink(config.progress, total_steps, initial=global_step)]
+    if config.csv:
+        csv_sink = CsvSink(run_dir.path / "metrics.csv")
+        # A resumed run's CSV starts with the history metrics.jsonl kept.
+        for line in run_dir.metrics_path.read_text(encoding="utf-8").splitlines():
+            csv_sink.log(json.loads(line))
+        sinks.append(csv_sink)
+    if config.tensorboard:
+        sinks.append(TensorBoardSink(run_dir.path / "tensorboard", keep_through_step))
+    return sinks
+

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from ddp_train.checkpoint.atomic import atomic_write
 from ddp_train.distributed.signals import SignalFlag
 
 # Variables that place a process in a launcher's job. The parent may itself run inside
@@ -28,6 +29,9 @@ LAUNCH_PREFIXES = ("TORCHELASTIC_",)
 
 # Signals that ask the parent to stop: it passes SIGTERM on to the running child.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+POLL_S = 0.2
+"""Seconds between two looks of a parent at its running child (exit code, new metrics, signals)."""
 
 
 def child_command(args: list[str], nproc: int) -> list[str]:
@@ -46,11 +50,6 @@ def child_environment() -> dict[str, str]:
             if key not in LAUNCH_VARIABLES and not key.startswith(LAUNCH_PREFIXES)}
 
 
-def override(key: str, value: Any) -> str:
-    """A ``key=value`` override whose value reads back exactly (JSON is YAML)."""
-    return f"{key}={json.dumps(value)}"
-
-
 class ChildRun:
     """One run as a child process; its stdout and stderr go to ``log_path``."""
 
@@ -58,9 +57,9 @@ class ChildRun:
         self.command = child_command(args, nproc)
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log: TextIO = log_path.open("w", encoding="utf-8")
-        self._log.write(" ".join(self.command) + "\n")
-        self._log.flush()
+        # A fresh log that starts with the command; the child's output is appended to it.
+        atomic_write(log_path, (" ".join(self.command) + "\n").encode())
+        self._log: TextIO = log_path.open("a", encoding="utf-8")
         self.stopped = False
         self._process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=child_environment())

@@ -15,26 +15,27 @@ their mean and standard deviation (population, as scikit-learn's ``cross_val_sco
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from torch.utils.data import Dataset, Subset
 
-from ddp_train.tools.child_runs import ChildRun, StopRequests, override
-from ddp_train.config import load_config
+from ddp_train.checkpoint.atomic import atomic_write
 from ddp_train.components.datasets import DATASETS
-from ddp_train.errors import ConfigError, TrainingFailed
-from ddp_train.checkpoint.run_directory import atomic_write_bytes
+from ddp_train.components.parts import PartsBuilder, build_datasets
+from ddp_train.config import format_override, load_config
+from ddp_train.errors import ConfigError, TrainingFailed, UsageError
+from ddp_train.tools.child_runs import POLL_S, ChildRun, StopRequests
+from ddp_train.training.rng import seed_everything
 
 log = logging.getLogger("ddp_train")
 
 FACTORY = "ddp_train.tools.cross_validation:fold"
-POLL_S = 0.2
+"""The ``data.name`` of every fold run: :func:`fold` of this module."""
 
 
 class FoldSubset(Subset):
@@ -44,25 +45,6 @@ class FoldSubset(Subset):
         super().__init__(dataset, indices)
         self.task = getattr(dataset, "task", None)
         self.model_hints = dict(getattr(dataset, "model_hints", {}))
-
-
-def load_training_set(name: str, args: dict[str, Any], key: str) -> Dataset:
-    """The training set of data set ``name`` called with ``args``; errors name ``key``."""
-    factory: Callable[..., Any] = DATASETS.resolve(name)
-    try:
-        inspect.signature(factory).bind(**args)
-    except TypeError as exc:
-        raise ConfigError(f"{key}.args", f"do not fit {name}: {exc}") from None
-    except ValueError:  # no introspectable signature: the call decides
-        pass
-    try:
-        datasets = factory(**args)
-    except ValueError as exc:
-        raise ConfigError(f"{key}.args", f"rejected by {name}: {exc}") from None
-    if not (isinstance(datasets, (tuple, list)) and len(datasets) == 2):
-        raise ConfigError(f"{key}.name", f"expected {name!r} to return (train_dataset, val_dataset), "
-                                         f"got {type(datasets).__name__}")
-    return datasets[0]
 
 
 def class_labels(dataset: Dataset) -> list[int]:
@@ -76,8 +58,8 @@ def class_labels(dataset: Dataset) -> list[int]:
     for target in targets:
         value = target.item() if hasattr(target, "item") and getattr(target, "numel", lambda: 1)() == 1 else target
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError("--stratified", f"needs one integer class label per sample, got "
-                                              f"{type(target).__name__} {str(target)[:60]}")
+            raise UsageError("--stratified", f"needs one integer class label per sample, got "
+                                             f"{type(target).__name__} {str(target)[:60]}")
         labels.append(value)
     return labels
 
@@ -93,8 +75,8 @@ def make_folds(n_samples: int, folds: int, seed: int, labels: list[int] | None =
     else:
         smallest = min(labels.count(label) for label in set(labels))
         if smallest < folds:
-            raise ConfigError("--stratified", f"a class has only {smallest} samples, fewer than "
-                                              f"the {folds} folds")
+            raise UsageError("--stratified", f"a class has only {smallest} samples, fewer than "
+                                             f"the {folds} folds")
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         splits = splitter.split(range(n_samples), labels)
     return [(sorted(map(int, train)), sorted(map(int, val))) for train, val in splits]
@@ -105,7 +87,8 @@ def fold(data: str, split: str, args: dict[str, Any] | None = None) -> tuple[Fol
 
     Returns (the training set without fold k, fold k) as subsets of ``data``'s training set.
     """
-    train = load_training_set(data, dict(args or {}), "data.args.data")
+    key = "data.args.data"
+    train, _ = build_datasets(DATASETS.resolve(data, key), data, dict(args or {}), key)
     path = Path(split)
     try:
         indices = json.loads(path.read_text(encoding="utf-8"))
@@ -120,6 +103,7 @@ def fold(data: str, split: str, args: dict[str, Any] | None = None) -> tuple[Fol
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
+    """The ``cv`` command line."""
     parser = argparse.ArgumentParser(
         prog=f"{prog} cv",
         description="K-fold cross-validation on the configured data set's training set: one "
@@ -136,19 +120,23 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def cv_command(argv: list[str], prog: str) -> int:
+def command(argv: list[str], prog: str) -> int:
     """``cv``: train every fold, then summarise."""
     args = _parser(prog).parse_args(argv)
     config = load_config(args.config, args.overrides)
     if args.folds < 2:
-        raise ConfigError("--folds", f"expected an integer >= 2, got {args.folds}")
+        raise UsageError("--folds", f"expected an integer >= 2, got {args.folds}")
     if args.nproc < 1:
-        raise ConfigError("--nproc", f"expected an integer >= 1, got {args.nproc}")
-    train = load_training_set(config.data.name, config.data.args, "data")
+        raise UsageError("--nproc", f"expected an integer >= 1, got {args.nproc}")
+    builder = PartsBuilder(config)
+    # Seeded as each fold run's Trainer seeds before building its data, so a data set drawn
+    # from the global RNG has the same samples (and labels) here as in every fold.
+    seed_everything(config.run.seed)
+    train = builder.datasets()[0]
     n_samples = len(train)  # type: ignore[arg-type]
     if n_samples < args.folds:
-        raise ConfigError("--folds", f"{args.folds} folds need at least as many training samples; "
-                                     f"the data has {n_samples}")
+        raise UsageError("--folds", f"{args.folds} folds need at least as many training samples; "
+                                    f"the data has {n_samples}")
     labels = class_labels(train) if args.stratified else None
     splits = make_folds(n_samples, args.folds, config.run.seed, labels)
 
@@ -160,10 +148,11 @@ def cv_command(argv: list[str], prog: str) -> int:
         split = {"fold": k, "folds": args.folds, "stratified": args.stratified,
                  "seed": config.run.seed, "train_indices": train_indices, "val_indices": val_indices}
         _write_split(split_path, split)
-        overrides = [*args.overrides, override("data.name", FACTORY),
-                     override("data.args", {"data": config.data.name, "args": config.data.args,
-                                            "split": str(split_path)}),
-                     override("run.output_dir", str(folds_dir)), override("run.name", str(k))]
+        overrides = [*args.overrides, format_override("data.name", FACTORY),
+                     format_override("data.args", {"data": config.data.name, "args": config.data.args,
+                                                   "split": str(split_path)}),
+                     format_override("run.output_dir", str(folds_dir)),
+                     format_override("run.name", str(k))]
         load_config(args.config, overrides)  # a bad fold config fails here, before any run
         fold_args.append(([] if args.config is None else ["--config", args.config]) + overrides)
 
@@ -178,8 +167,8 @@ def cv_command(argv: list[str], prog: str) -> int:
     interrupted = stop.signal_name is not None
     summary = _summary(results, args.folds, args.stratified, config.run.seed,
                        "interrupted" if interrupted else "completed")
-    atomic_write_bytes(run_dir / "cv_summary.json",
-                       (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
+    atomic_write(run_dir / "cv_summary.json",
+                 (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
     if interrupted:
         log.info("cv interrupted after %d of %d folds; run the same command again to continue",
                  sum(r["status"] in ("completed", "early_stopped") for r in results), args.folds)
@@ -207,7 +196,7 @@ def _write_split(path: Path, split: dict[str, Any]) -> None:
                                           f"run.name or remove {path.parent.parent}")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(split) + "\n").encode())
+    atomic_write(path, (json.dumps(split) + "\n").encode())
 
 
 def _run_fold(k: int, child_args: list[str], nproc: int, fold_dir: Path,

@@ -1,11 +1,12 @@
 """``ddp-train export RUN_DIR``: a trained model as ONNX, ``torch.export`` and TorchScript files.
 
-The model is rebuilt from the run's ``config.yaml`` with the registries the Trainer
-uses (:mod:`ddp_train.components.parts`), loaded from ``model.pt`` (``weights_only``), and
-exported with a dynamic batch axis. Every file is then run on real validation batches of
-several sizes (onnxruntime for ONNX) and compared with the eager model: a difference over
-the tolerance fails the export (exit 1) and no manifest is written, so an export
-directory with a ``manifest.json`` always holds files that answer like the model.
+The model is rebuilt from the run's ``config.yaml`` as the Trainer builds it
+(:class:`~ddp_train.components.parts.PartsBuilder`), loaded from ``model.pt``
+(``weights_only``), and exported with a dynamic batch axis. Every file is then run on
+real validation batches of several sizes (onnxruntime for ONNX) and compared with the
+eager model: a difference over the tolerance fails the export (exit 1) and no manifest
+is written, so an export directory with a ``manifest.json`` always holds files that
+answer like the model.
 
 Optional steps: ``--prune AMOUNT`` (L1 unstructured magnitude pruning of Linear/Conv
 weights, made permanent, before exporting) and ``--quantize int8`` (onnxruntime's
@@ -15,6 +16,7 @@ deprecated ``torch.ao.quantization``); both report the validation metrics before
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import io
@@ -36,18 +38,16 @@ from torch.nn.utils import prune as torch_prune
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
-import ddp_train
+from ddp_train.components.losses import LossFn
+from ddp_train.components.parts import PartsBuilder
 from ddp_train.config import TrainConfig, load_config
-from ddp_train.components.datasets import DATASETS
-from ddp_train.errors import ConfigError, ExportFailed
+from ddp_train.errors import ExportFailed, UsageError, first_line
 from ddp_train.extras import require
-from ddp_train.components.parts import build_datasets, build_model, infer_task
-from ddp_train.components.losses import LossFn, build_loss
 from ddp_train.tools.manifest import (BATCH_AXIS, FORMAT_FILES, FORMAT_VERSION, MANIFEST_NAME, sha256_of,
-                                write_manifest)
+                                     write_manifest)
 from ddp_train.training.metrics import MetricAccumulator
-from ddp_train.components.models import MODELS
 from ddp_train.training.rng import seed_everything
+from ddp_train.version import __version__
 
 FORMATS = ("onnx", "exported", "torchscript")
 """The formats ``--format all`` writes, in the order they are exported."""
@@ -101,20 +101,20 @@ def check_request(request: ExportRequest) -> None:
     for name in ("config.yaml", "model.pt"):
         if not (run_dir / name).is_file():
             reason = "does not exist" if not run_dir.is_dir() else f"has no {name}"
-            raise ConfigError("RUN_DIR", f"expected a finished run directory (config.yaml and "
-                                         f"model.pt), but {str(run_dir)!r} {reason}")
+            raise UsageError("RUN_DIR", f"expected a finished run directory (config.yaml and "
+                                        f"model.pt), but {str(run_dir)!r} {reason}")
     if not request.formats:
-        raise ConfigError("--format", "expected at least one format")
+        raise UsageError("--format", "expected at least one format")
     if request.quantize is not None and "onnx" not in request.formats:
-        raise ConfigError("--quantize", "int8 quantization works on the ONNX file: "
-                                        "use --format onnx or --format all")
+        raise UsageError("--quantize", "int8 quantization works on the ONNX file: "
+                                       "use --format onnx or --format all")
     if request.prune is not None and not 0 < request.prune < 1:
-        raise ConfigError("--prune", f"expected a fraction of weights in (0, 1), got {request.prune!r}")
+        raise UsageError("--prune", f"expected a fraction of weights in (0, 1), got {request.prune!r}")
     if not request.tolerance > 0:
-        raise ConfigError("--tolerance", f"expected a number > 0, got {request.tolerance!r}")
+        raise UsageError("--tolerance", f"expected a number > 0, got {request.tolerance!r}")
     if request.batch_size is not None and request.batch_size < 2:
-        raise ConfigError("--batch-size", f"expected at least 2 (a batch of 1 would fix the "
-                                          f"batch axis), got {request.batch_size!r}")
+        raise UsageError("--batch-size", f"expected at least 2 (a batch of 1 would fix the "
+                                         f"batch axis), got {request.batch_size!r}")
     if "onnx" in request.formats:
         require(ONNX_MODULES, "export", "the ONNX format", "--format")
 
@@ -122,29 +122,27 @@ def check_request(request: ExportRequest) -> None:
 def load_run_model(run_dir: Path) -> RunModel:
     """Rebuild the run's model and data from ``config.yaml`` and load ``model.pt`` into it."""
     config = load_config(run_dir / "config.yaml")
-    data_factory = DATASETS.resolve(config.data.name)
-    model_factory = MODELS.resolve(config.model.name)
+    builder = PartsBuilder(config)
     # As the Trainer does: a data factory that draws from the global RNG builds the same data.
     seed_everything(config.run.seed)
-    train_dataset, val_dataset = build_datasets(data_factory, config.data)
-    model = build_model(model_factory, config.model, getattr(train_dataset, "model_hints", {}))
+    parts = builder.build()
     try:
         state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or holding more than tensors
-        raise ConfigError("RUN_DIR", f"cannot load {run_dir / 'model.pt'} as a state dict "
-                                     f"({str(exc).strip().splitlines()[0][:300]})") from None
+        raise UsageError("RUN_DIR", f"cannot load {run_dir / 'model.pt'} as a state dict "
+                                    f"({first_line(exc)})") from None
     try:
-        model.load_state_dict(state)
+        parts.model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ConfigError("RUN_DIR", f"{run_dir / 'model.pt'} does not fit the model config.yaml "
-                                     f"describes ({str(exc).splitlines()[0][:300]})") from None
+        raise UsageError("RUN_DIR", f"{run_dir / 'model.pt'} does not fit the model config.yaml "
+                                    f"describes ({first_line(exc)})") from None
+    train_dataset, val_dataset = parts.train_dataset, parts.val_dataset
     val_is_train = val_dataset is None or len(val_dataset) == 0  # type: ignore[arg-type]
     if val_is_train:
         log.warning("the run has no validation data: parity and metrics use the training data")
-    return RunModel(config, model.eval(), train_dataset,
+    return RunModel(config, parts.model.eval(), train_dataset,
                     train_dataset if val_is_train else val_dataset,  # type: ignore[arg-type]
-                    val_is_train, infer_task(config.eval.task, val_dataset, config.loss.name),
-                    build_loss(config.loss.name, config.loss.args))
+                    val_is_train, parts.task, parts.loss_fn)
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,7 +291,7 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> E
             traced = torch.jit.trace(model, example)
             traced.save(str(path))
             loaded = torch.jit.load(str(path))
-    tracer_warnings = sorted({str(w.message).splitlines()[0] for w in caught
+    tracer_warnings = sorted({first_line(w.message) for w in caught
                               if issubclass(w.category, torch.jit.TracerWarning)})
     return loaded, {"note": TORCHSCRIPT_NOTE, "tracer_warnings": tracer_warnings}
 
@@ -320,14 +318,13 @@ def describe_failure(exc: BaseException) -> str:
         name = operator.group(1) + ("" if operator.group(2) == "default" else f".{operator.group(2)}")
         return f"operator {name} has no ONNX translation in torch.onnx"
     root = chain[-1]
-    first = next((line.strip() for line in str(root).splitlines() if line.strip()), type(root).__name__)
-    first = re.sub(r"\x1b\[[0-9;]*m", "", first)
+    first = re.sub(r"\x1b\[[0-9;]*m", "", first_line(root))
     construct = ""
     if "data-dependent" in text:
         construct = "data-dependent control flow or shape (Python code that reads tensor values): "
     elif "Constraints violated" in text or "specialized" in text:
         construct = "the model fixes the batch size (a dynamic batch axis is required): "
-    return f"{construct}{type(root).__name__}: {first[:300]}{_model_frame(chain, text)}"
+    return f"{construct}{type(root).__name__}: {first}{_model_frame(chain, text)}"
 
 
 def _model_frame(chain: list[BaseException], text: str) -> str:
@@ -361,7 +358,7 @@ def prune_model(model: nn.Module, amount: float) -> dict[str, Any]:
     layers = [(name, module) for name, module in model.named_modules()
               if isinstance(module, PRUNABLE) and owners[id(module.weight)] == 1]
     if not layers:
-        raise ConfigError("--prune", "the model has no Linear or Conv layer to prune")
+        raise UsageError("--prune", "the model has no Linear or Conv layer to prune")
     for _, module in layers:
         torch_prune.l1_unstructured(module, "weight", amount=amount)
         torch_prune.remove(module, "weight")  # permanent: a plain weight with zeros in it
@@ -392,6 +389,7 @@ def quantize_int8(source: Path, target: Path) -> None:
 
 
 def _file_entry(path: Path) -> dict[str, Any]:
+    """The manifest's entry of an exported file: its name, SHA-256 and size."""
     return {"file": path.name, "sha256": sha256_of(path), "size_bytes": path.stat().st_size}
 
 
@@ -409,7 +407,8 @@ def _max_abs_diff(runner: Runner, reference: list[torch.Tensor], batches: list[t
 
 
 def _versions() -> dict[str, str]:
-    versions = {"ddp_train": ddp_train.__version__, "torch": str(torch.__version__),
+    """The versions of ddp_train and the libraries that wrote and checked the export."""
+    versions = {"ddp_train": __version__, "torch": str(torch.__version__),
                 "python": platform.python_version(), "numpy": np.__version__}
     for name in ONNX_MODULES:
         try:
@@ -423,7 +422,8 @@ def export_run(request: ExportRequest) -> dict[str, Any]:
     """Export, check and describe a run's model; returns the manifest written to ``out_dir``.
 
     Raises :class:`ExportFailed` (exit 1) when a format cannot be exported or answers
-    differently from the model, :class:`ConfigError` (exit 2) for a bad request.
+    differently from the model, :class:`UsageError` (exit 2) for a bad request and
+    :class:`~ddp_train.errors.ConfigError` (exit 2) for a run config that no longer builds.
     """
     check_request(request)
     run = load_run_model(request.run_dir)
@@ -538,4 +538,42 @@ def _integer_range(run: RunModel, example: torch.Tensor) -> dict[str, list[int]]
 
 
 def _compare(before: dict[str, float], after: dict[str, float]) -> str:
+    """``key before -> after`` of each metric in both, for the log."""
     return ", ".join(f"{key} {before[key]:.4g} -> {after[key]:.4g}" for key in before if key in after)
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    """The ``export`` command line."""
+    parser = argparse.ArgumentParser(
+        prog=f"{prog} export", description="Export a finished run's model (config.yaml + model.pt) "
+        "with a dynamic batch axis, check every file against the model on real validation batches "
+        "(a difference over the tolerance fails, exit 1), and write manifest.json: input/output "
+        "names, shapes and dtypes, checksums, the differences, the task and the training inputs' "
+        "mean/std for drift monitoring. ONNX needs: pip install \"ddp_train[export]\".")
+    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a finished run directory")
+    parser.add_argument("--format", default="all", choices=("onnx", "exported", "torchscript", "all"),
+                        help="model.onnx (torch.onnx, dynamo), model.pt2 (torch.export), model.ts "
+                             "(torch.jit.trace, legacy) or all three (default)")
+    parser.add_argument("--quantize", choices=("int8",),
+                        help="also write model.int8.onnx (onnxruntime dynamic quantization) and "
+                             "report its size and validation metrics against fp32")
+    parser.add_argument("--prune", type=float, metavar="AMOUNT",
+                        help="first zero this fraction of each Linear/Conv weight (L1 unstructured, "
+                             "permanent) and report validation metrics before and after")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="output directory (default RUN_DIR/export)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest absolute difference from the model allowed (default 1e-4)")
+    parser.add_argument("--batch-size", type=int, metavar="N",
+                        help="example batch size (default: the run's validation batch size)")
+    return parser
+
+
+def command(argv: list[str], prog: str) -> int:
+    """``export``: export, check and describe a run's model, then print the output directory."""
+    args = _parser(prog).parse_args(argv)
+    request = ExportRequest(args.run_dir, args.out or args.run_dir / "export",
+                            FORMATS if args.format == "all" else (args.format,), args.quantize,
+                            args.prune, args.tolerance, args.batch_size)
+    export_run(request)
+    print(request.out_dir)
+    return 0

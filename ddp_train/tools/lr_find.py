@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ddp_train.tools.child_runs import override
-from ddp_train.config import TrainConfig, load_config
-from ddp_train.errors import ConfigError, TrainingFailed
+from ddp_train.checkpoint.atomic import atomic_write
+from ddp_train.config import TrainConfig, format_override, load_config
+from ddp_train.errors import TrainingFailed, UsageError
+from ddp_train.observability.plots import new_chart, save_chart
 
 log = logging.getLogger("ddp_train")
 
@@ -41,6 +42,7 @@ SKIP_START_FRACTION = 0.1
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
+    """The ``lr-find`` command line."""
     parser = argparse.ArgumentParser(
         prog=f"{prog} lr-find",
         description="Learning-rate range test: train the configured model for --num-steps steps "
@@ -108,12 +110,16 @@ def run_range_test(config: TrainConfig, lrs: list[float]) -> RangeTest:
         # The trainer writes its run files here, never into the user's run directory.
         scratch.run.output_dir = scratch_dir
         with Trainer(scratch) as trainer:
-            steps = trainer.train_steps()
+            batches = trainer.step_batches()
             average, best = 0.0, math.inf
             for i, lr in enumerate(lrs):
                 for group in trainer.optimizer.param_groups:
                     group["lr"] = lr
-                loss = next(steps)
+                trainer.train_step(next(batches))
+                # Read after every step, the window holds that step alone: its mean over all
+                # ranks, or None when every rank skipped it as non-finite. A collective, so
+                # every rank reads it every step and all of them stop at the same one.
+                loss = trainer.mean_train_loss()
                 if loss is None or not math.isfinite(loss):
                     break
                 average = SMOOTHING * average + (1 - SMOOTHING) * loss
@@ -126,16 +132,16 @@ def run_range_test(config: TrainConfig, lrs: list[float]) -> RangeTest:
             return RangeTest(losses, smoothed, trainer.env.world_size, trainer.env.is_main)
 
 
-def lr_find_command(argv: list[str], prog: str) -> int:
+def command(argv: list[str], prog: str) -> int:
     """``lr-find``: run the range test and write lr_find.json/png on rank 0."""
     args = _parser(prog).parse_args(argv)
     config = load_config(args.config, args.overrides)
     if not (args.start_lr > 0 and math.isfinite(args.start_lr)):
-        raise ConfigError("--start-lr", f"expected a number > 0, got {args.start_lr}")
+        raise UsageError("--start-lr", f"expected a number > 0, got {args.start_lr}")
     if not (args.end_lr > args.start_lr and math.isfinite(args.end_lr)):
-        raise ConfigError("--end-lr", f"expected a number > --start-lr ({args.start_lr}), got {args.end_lr}")
+        raise UsageError("--end-lr", f"expected a number > --start-lr ({args.start_lr}), got {args.end_lr}")
     if args.num_steps < 5:
-        raise ConfigError("--num-steps", f"expected an integer >= 5, got {args.num_steps}")
+        raise UsageError("--num-steps", f"expected an integer >= 5, got {args.num_steps}")
     lrs = lr_schedule(args.start_lr, args.end_lr, args.num_steps)
     test = run_range_test(config, lrs)
     if not test.is_main:  # rank 0 writes and reports
@@ -156,14 +162,15 @@ def lr_find_command(argv: list[str], prog: str) -> int:
     }
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "lr_find.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    atomic_write(run_dir / "lr_find.json", (json.dumps(result, indent=2) + "\n").encode())
     png = _plot(run_dir / "lr_find.png", result)
     where = f"{run_dir / 'lr_find.json'}" + (f", {png}" if png else "")
     if suggested is None:
         raise TrainingFailed(f"no suggestion: the smoothed loss did not fall over the range "
                              f"{args.start_lr:g}..{lrs[len(losses) - 1]:g} ({where}); widen the "
                              f"range or add steps")
-    print(f"suggested learning rate: {suggested:.3g}   use: {override('optim.lr', float(f'{suggested:.3g}'))}")
+    use = format_override("optim.lr", float(f"{suggested:.3g}"))
+    print(f"suggested learning rate: {suggested:.3g}   use: {use}")
     log.info("%d steps%s | %s", len(losses),
              f", diverged at lr {result['diverged_at_lr']:.3g}" if diverged else "", where)
     return 0
@@ -172,14 +179,10 @@ def lr_find_command(argv: list[str], prog: str) -> int:
 def _plot(path: Path, result: dict[str, Any]) -> Path | None:
     """Loss against LR (log scale) with the suggestion marked; None without matplotlib."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        figure, axes = new_chart("Learning-rate range test", "learning rate", "training loss")
     except ImportError:
         log.warning('lr_find.png skipped: it needs matplotlib (pip install "ddp_train[plot]")')
         return None
-    figure = Figure(figsize=(8, 4.5), dpi=120, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
     axes.plot(result["lrs"], result["losses"], color="tab:blue", alpha=0.3, label="loss")
     axes.plot(result["lrs"], result["smoothed_losses"], color="tab:blue", label="smoothed loss")
     suggested = result["suggested_lr"]
@@ -189,10 +192,4 @@ def _plot(path: Path, result: dict[str, Any]) -> Path | None:
         axes.plot([suggested], [result["smoothed_losses"][index]], marker="o", color="red",
                   linestyle="none", label=f"suggested lr {suggested:.3g}")
     axes.set_xscale("log")
-    axes.set_xlabel("learning rate")
-    axes.set_ylabel("training loss")
-    axes.set_title("Learning-rate range test")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.savefig(path)
-    return path
+    return save_chart(figure, axes, path)

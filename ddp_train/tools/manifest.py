@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from ddp_train.errors import ConfigError
+from ddp_train.checkpoint.atomic import atomic_write
+from ddp_train.errors import UsageError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -48,9 +48,7 @@ def sha256_of(path: Path) -> str:
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     """Write ``manifest.json`` atomically (a reader never sees half of it)."""
     path = directory / MANIFEST_NAME
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write(path, (json.dumps(manifest, indent=2) + "\n").encode())
     return path
 
 
@@ -61,11 +59,11 @@ def find_export_dir(path: Path) -> Path:
     if (path / "export" / MANIFEST_NAME).is_file():
         return path / "export"
     if (path / "model.pt").is_file():
-        raise ConfigError("PATH", f"{str(path)!r} is a run directory that has not been exported "
-                                  f"yet: run 'ddp-train export {path}' first")
+        raise UsageError("PATH", f"{str(path)!r} is a run directory that has not been exported "
+                                 f"yet: run 'ddp-train export {path}' first")
     reason = "does not exist" if not path.exists() else f"holds no {MANIFEST_NAME}"
-    raise ConfigError("PATH", f"expected an export directory (with {MANIFEST_NAME}) or an "
-                              f"exported run directory, but {str(path)!r} {reason}")
+    raise UsageError("PATH", f"expected an export directory (with {MANIFEST_NAME}) or an "
+                             f"exported run directory, but {str(path)!r} {reason}")
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -74,15 +72,15 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ConfigError("PATH", f"cannot read {path}: {exc}") from None
+        raise UsageError("PATH", f"cannot read {path}: {exc}") from None
     if not isinstance(manifest, dict):
-        raise ConfigError("PATH", f"{path} holds a {type(manifest).__name__}, expected an object")
+        raise UsageError("PATH", f"{path} holds a {type(manifest).__name__}, expected an object")
     missing = [key for key in _REQUIRED if key not in manifest]
     if missing:
-        raise ConfigError("PATH", f"{path} lacks {', '.join(missing)}: re-export the run")
+        raise UsageError("PATH", f"{path} lacks {', '.join(missing)}: re-export the run")
     if manifest["format_version"] != FORMAT_VERSION:
-        raise ConfigError("PATH", f"{path} has format version {manifest['format_version']!r}; "
-                                  f"this ddp_train reads version {FORMAT_VERSION}: re-export the run")
+        raise UsageError("PATH", f"{path} has format version {manifest['format_version']!r}; "
+                                 f"this ddp_train reads version {FORMAT_VERSION}: re-export the run")
     return manifest
 
 
@@ -94,12 +92,12 @@ def format_file(directory: Path, manifest: dict[str, Any], fmt: str, option: str
     entry = manifest["formats"].get(fmt)
     if entry is None:
         exported = ", ".join(manifest["formats"]) or "none"
-        raise ConfigError(option, f"expected the export in {directory} to hold the {fmt!r} format "
-                                  f"(it has: {exported}); export it with 'ddp-train export'")
+        raise UsageError(option, f"expected the export in {directory} to hold the {fmt!r} format "
+                                 f"(it has: {exported}); export it with 'ddp-train export'")
     path = directory / entry["file"]
     if not path.is_file():
-        raise ConfigError(option, f"{path} is missing although {MANIFEST_NAME} lists it: re-export the run")
+        raise UsageError(option, f"{path} is missing although {MANIFEST_NAME} lists it: re-export the run")
     if sha256_of(path) != entry["sha256"]:
-        raise ConfigError(option, f"{path} does not match the SHA-256 in {MANIFEST_NAME} "
-                                  f"(changed after export?): re-export the run")
+        raise UsageError(option, f"{path} does not match the SHA-256 in {MANIFEST_NAME} "
+                                 f"(changed after export?): re-export the run")
     return path

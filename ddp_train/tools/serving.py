@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -39,7 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ddp_train.errors import ConfigError
+from ddp_train.errors import UsageError, first_line
 from ddp_train.extras import require
 from ddp_train.tools.manifest import find_export_dir, format_file, read_manifest
 
@@ -99,6 +99,7 @@ class InputSpec:
         self.max_batch = max_batch
 
     def _shape_text(self) -> str:
+        """The accepted input shapes, for error messages."""
         one = list(self.example_shape)
         return f"{one} for one example or [N, {', '.join(map(str, one))}] for a batch of N ≤ {self.max_batch}"
 
@@ -123,6 +124,7 @@ class InputSpec:
         return self._array(payload["inputs"], body)
 
     def _array(self, inputs: Any, body: bytes) -> tuple[np.ndarray, bool]:
+        """``inputs`` checked against the manifest, as an array; and whether it was one example."""
         expected = f"{'integers' if self.integers else 'numbers'} ({self.dtype.name})"
         if not isinstance(inputs, list):
             raise BadRequest(422, f"inputs: expected a (nested) list of {expected} of shape "
@@ -180,16 +182,19 @@ class _NonFinite(ValueError):
 
 
 def _reject_constant(name: str) -> Any:
+    """``json.loads``' hook for NaN and ±Infinity: refuse them."""
     raise _NonFinite(name)
 
 
 def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
     names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
              float: "number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
 
 
 def _describe(value: Any) -> str:
+    """A short description of a value that is not a valid input number, for error messages."""
     kind = _json_type(value)
     if isinstance(value, int) and kind == "number":
         return f"the integer {value} (out of range)"
@@ -224,6 +229,13 @@ def _first_non_number(value: Any, integers: bool) -> tuple[list[int], Any] | Non
 # Backends
 
 
+class Backend(Protocol):
+    """What runs the model: :class:`OnnxBackend`, or the torch backend of :mod:`.serving_torch`."""
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """The model's output for ``batch``."""
+
+
 class OnnxBackend:
     """An ONNX file run with onnxruntime on the CPU; no torch."""
 
@@ -241,22 +253,6 @@ class OnnxBackend:
     def run(self, batch: np.ndarray) -> np.ndarray:
         """The model's first output for ``batch``."""
         return self.session.run(None, {self.input_name: batch})[0]
-
-
-class TorchBackend:
-    """A ``torch.export`` program (``model.pt2``) run eagerly with torch."""
-
-    def __init__(self, path: Path, threads: int) -> None:
-        import torch
-
-        torch.set_num_threads(threads)
-        self.torch = torch
-        self.module = torch.export.load(path).module()
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """The model's output for ``batch``."""
-        with self.torch.inference_mode():
-            return self.module(self.torch.from_numpy(batch)).numpy()
 
 
 # ---------------------------------------------------------------------------------------
@@ -390,7 +386,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def load_backend(directory: Path, manifest: dict[str, Any], options: ServeOptions
-                 ) -> tuple[OnnxBackend | TorchBackend, Path]:
+                 ) -> tuple[Backend, Path]:
     """The backend ``options`` ask for, on the file the manifest vouches for."""
     if options.backend == "onnxruntime":
         require(("onnxruntime",), "serve", "the onnxruntime backend", "--backend")
@@ -398,8 +394,10 @@ def load_backend(directory: Path, manifest: dict[str, Any], options: ServeOption
                            "--int8" if options.int8 else "--backend")
         return OnnxBackend(path, manifest["input"]["name"], options.threads), path
     if options.int8:
-        raise ConfigError("--int8", "the int8 model is an ONNX file: use --backend onnxruntime")
+        raise UsageError("--int8", "the int8 model is an ONNX file: use --backend onnxruntime")
     require(("torch",), "serve", "the torch backend", "--backend")
+    from ddp_train.tools.serving_torch import TorchBackend  # torch: only for this backend
+
     path = format_file(directory, manifest, "exported", "--backend")
     return TorchBackend(path, options.threads), path
 
@@ -407,14 +405,14 @@ def load_backend(directory: Path, manifest: dict[str, Any], options: ServeOption
 def create_app(options: ServeOptions) -> FastAPI:
     """The FastAPI app for the export ``options.path`` names, its model loaded and warmed up.
 
-    Raises ConfigError for a missing or inconsistent export (before any port is bound).
+    Raises UsageError for a missing or inconsistent export (before any port is bound).
     """
     if options.max_batch < 1:
-        raise ConfigError("--max-batch", f"expected at least 1, got {options.max_batch}")
+        raise UsageError("--max-batch", f"expected at least 1, got {options.max_batch}")
     for option, value in (("--max-body-bytes", options.max_body_bytes), ("--threads", options.threads),
                           ("--drift-window", options.drift_window)):
         if value < 1:
-            raise ConfigError(option, f"expected at least 1, got {value}")
+            raise UsageError(option, f"expected at least 1, got {value}")
     directory = find_export_dir(options.path)
     manifest = read_manifest(directory)
     spec = InputSpec(manifest, options.max_batch)
@@ -460,7 +458,7 @@ def create_app(options: ServeOptions) -> FastAPI:
         try:
             outputs = await run_in_threadpool(backend.run, batch)
         except Exception as exc:  # a server-side failure on validated input: 500, and keep serving
-            message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            message = first_line(exc)
             log.error("the model failed on a batch of %d: %s", len(batch), message)
             return JSONResponse({"error": f"the model failed on these inputs: {message}"}, status_code=500)
         predictions = outputs.argmax(axis=-1) if classify else outputs
@@ -494,8 +492,8 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
     except (OSError, OverflowError) as exc:
-        raise ConfigError("--port", f"cannot listen on {host}:{port}: "
-                                    f"{getattr(exc, 'strerror', None) or exc}") from None
+        raise UsageError("--port", f"cannot listen on {host}:{port}: "
+                                   f"{getattr(exc, 'strerror', None) or exc}") from None
     return sock
 
 

@@ -25,6 +25,7 @@ Several workers (a Slurm job array, several machines) share one study through
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -38,18 +39,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ddp_train.tools.child_runs import ChildRun, MetricsFollower, StopRequests, override
-from ddp_train.config import config_to_yaml, load_config
-from ddp_train.errors import ConfigError
+from ddp_train.checkpoint.atomic import atomic_write
+from ddp_train.config import config_to_yaml, format_override, load_config
+from ddp_train.errors import ConfigError, UsageError
 from ddp_train.extras import require
-from ddp_train.checkpoint.run_directory import atomic_write_bytes
+from ddp_train.tools.child_runs import POLL_S, ChildRun, MetricsFollower, StopRequests
 from ddp_train.tools.sweep_space import Parameter, read_space
 
 log = logging.getLogger("ddp_train")
 
 # Trials are short-lived by design: no periodic checkpoints unless KEY=VALUE asks for them.
 TRIAL_DEFAULTS = ("checkpoint.every_epochs=0", "checkpoint.every_steps=0")
-POLL_S = 0.2
 # A running trial whose worker has not written a heartbeat for this many intervals is lost.
 LOST_AFTER_HEARTBEATS = 3
 
@@ -66,6 +66,7 @@ def require_optuna() -> Any:
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
+    """The ``sweep`` command line."""
     parser = argparse.ArgumentParser(
         prog=f"{prog} sweep",
         description="Hyperparameter search with Optuna: every trial is a training run in "
@@ -125,7 +126,7 @@ class SweepSettings:
     heartbeat_s: float
 
 
-def sweep_command(argv: list[str], prog: str) -> int:
+def command(argv: list[str], prog: str) -> int:
     """``sweep``: run (a worker's share of) an Optuna study of training runs."""
     args = _parser(prog).parse_args(argv)
     optuna = require_optuna()
@@ -133,12 +134,12 @@ def sweep_command(argv: list[str], prog: str) -> int:
     for name, value, low in (("--trials", args.trials, 1), ("--nproc", args.nproc, 1),
                              ("--startup-trials", args.startup_trials, 0)):
         if value < low:
-            raise ConfigError(name, f"expected an integer >= {low}, got {value}")
+            raise UsageError(name, f"expected an integer >= {low}, got {value}")
     if not (args.heartbeat > 0 and math.isfinite(args.heartbeat)):
-        raise ConfigError("--heartbeat", f"expected a number of seconds > 0, got {args.heartbeat}")
+        raise UsageError("--heartbeat", f"expected a number of seconds > 0, got {args.heartbeat}")
     metric = args.metric or config.train.early_stopping.metric
     if not metric.startswith("val/"):
-        raise ConfigError("--metric", f"expected a validation metric such as 'val/loss', got {metric!r}")
+        raise UsageError("--metric", f"expected a validation metric such as 'val/loss', got {metric!r}")
     direction = args.direction or config.train.early_stopping.mode
     settings = SweepSettings(
         config_path=args.config, overrides=list(args.overrides),
@@ -161,9 +162,9 @@ def sweep_command(argv: list[str], prog: str) -> int:
                                  settings.parameters, args.trials)
     wanted = optuna.study.StudyDirection.MAXIMIZE if settings.maximize else optuna.study.StudyDirection.MINIMIZE
     if study.direction != wanted:
-        raise ConfigError("--direction", f"study {study.study_name!r} in this storage "
-                                         f"{study.direction.name.lower()}s its objective; it cannot "
-                                         f"continue with {direction}")
+        raise UsageError("--direction", f"study {study.study_name!r} in this storage "
+                                        f"{study.direction.name.lower()}s its objective; it cannot "
+                                        f"continue with {direction}")
     log.info("sweep %s: %d trials of %s (%s) on %d rank(s) each | %s | %s", study.study_name,
              settings.trials, metric, "max" if settings.maximize else "min", settings.nproc,
              ", ".join(p.key for p in settings.parameters), settings.run_dir)
@@ -175,7 +176,7 @@ def sweep_command(argv: list[str], prog: str) -> int:
         log.info("sweep interrupted: %d of %d trials done; run the same command again to continue",
                  summary["trials_done"], settings.trials)
     elif summary["best_value"] is not None:
-        params = " ".join(override(k, v) for k, v in summary["best_params"].items())
+        params = " ".join(format_override(k, v) for k, v in summary["best_params"].items())
         log.info("best %s %.6g (trial %d): %s | %s", metric, summary["best_value"],
                  summary["best_trial"], params, settings.run_dir / "best.yaml")
     else:
@@ -189,7 +190,7 @@ def _storage(optuna: Any, storage: str | None, run_dir: Path) -> Any:
         return storage
     path = Path(storage) if storage is not None else run_dir / "optuna.journal"
     if path.is_dir():
-        raise ConfigError("--storage", f"expected an RDB URL or a journal file, got the directory {str(path)!r}")
+        raise UsageError("--storage", f"expected an RDB URL or a journal file, got the directory {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     from optuna.storages.journal import JournalFileBackend
 
@@ -198,24 +199,21 @@ def _storage(optuna: Any, storage: str | None, run_dir: Path) -> Any:
 
 
 def _sampler(optuna: Any, name: str, seed: int | None, parameters: list[Parameter], trials: int) -> Any:
+    """The ``--sampler``; the grid must have a point for each of the ``trials``."""
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
-        grid: dict[str, list[Any]] = {}
-        for parameter in parameters:
-            try:
-                grid[parameter.key] = parameter.grid()
-            except ConfigError as exc:
-                raise ConfigError(f"--space: {exc.key}", exc.message) from None
+        grid = {parameter.key: parameter.grid() for parameter in parameters}
         points = math.prod(len(values) for values in grid.values())
         if trials > points:
-            raise ConfigError("--trials", f"the grid has {points} points, fewer than the {trials} "
-                                          f"trials asked for")
+            raise UsageError("--trials", f"the grid has {points} points, fewer than the {trials} "
+                                         f"trials asked for")
         return optuna.samplers.GridSampler(grid, seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
 
 
 def _pruner(optuna: Any, name: str, startup_trials: int) -> Any:
+    """The ``--pruner``."""
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=startup_trials)
     if name == "hyperband":
@@ -284,22 +282,24 @@ class SweepWorker:
                         "parameters again", trial.number, now - last)
 
     def _run_trial(self, trial: Any) -> None:
+        """Run ``trial`` as a child run, follow it to its end and tell the study how it ended."""
         settings, TrialState = self.settings, self.optuna.trial.TrialState
         trials_dir = settings.run_dir / "trials"
         run_dir = trials_dir / str(trial.number)
         if run_dir.exists():
             trial.set_user_attr("outcome", "refused")
             self.study.tell(trial, state=TrialState.FAIL)
-            raise ConfigError("--study", f"{run_dir} already exists, from another study in the same "
-                                         f"run directory; choose another run.name (or remove "
-                                         f"{settings.run_dir} to start over)")
-        params = " ".join(override(k, v) for k, v in trial.params.items())
+            raise UsageError("--study", f"{run_dir} already exists, from another study in the same "
+                                        f"run directory; choose another run.name (or remove "
+                                        f"{settings.run_dir} to start over)")
+        params = " ".join(format_override(k, v) for k, v in trial.params.items())
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         args = ([] if settings.config_path is None else ["--config", settings.config_path])
         args += [*TRIAL_DEFAULTS, *settings.overrides,
-                 *(override(k, v) for k, v in trial.params.items()),
-                 override("run.output_dir", str(trials_dir)), override("run.name", str(trial.number))]
+                 *(format_override(k, v) for k, v in trial.params.items()),
+                 format_override("run.output_dir", str(trials_dir)),
+                 format_override("run.name", str(trial.number))]
         log.info("trial %d: %s", trial.number, params)
         heartbeat = _Heartbeat(trial, settings.heartbeat_s)
         with heartbeat:
@@ -307,7 +307,6 @@ class SweepWorker:
             values, pruned_at = self._follow(trial, child)
         code = child.poll()
 
-        # A run that finished before the stop signal reached it is not run again.
         # A run that finished before the stop signal reached it is not run again.
         interrupted = (self.stop.signal_name is not None and pruned_at is None
                        and _run_status(run_dir) not in ("completed", "early_stopped"))
@@ -335,9 +334,9 @@ class SweepWorker:
                 raise ConfigError("", f"the first trial stopped with a config error, so every trial "
                                       f"would: {child.last_lines(1)} (log: {child.log_path})")
             if code == 0 and not self._any_finished():
-                raise ConfigError("--metric", f"trial {trial.number} logged no finite "
-                                              f"{settings.metric!r} (see {run_dir / 'metrics.jsonl'}); "
-                                              f"does the data have a validation set with that metric?")
+                raise UsageError("--metric", f"trial {trial.number} logged no finite "
+                                             f"{settings.metric!r} (see {run_dir / 'metrics.jsonl'}); "
+                                             f"does the data have a validation set with that metric?")
 
     def _finish(self, trial: Any, outcome: str, state: Any = None, value: float | None = None,
                 reason: str | None = None) -> bool:
@@ -380,6 +379,7 @@ class SweepWorker:
             time.sleep(POLL_S)
 
     def _any_finished(self) -> bool:
+        """Whether any trial of the study completed or was pruned (by any worker)."""
         TrialState = self.optuna.trial.TrialState
         return any(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                    for t in self.study.get_trials(deepcopy=False))
@@ -403,6 +403,7 @@ class _Heartbeat:
         self._thread = threading.Thread(target=self._beat, name="sweep-heartbeat", daemon=True)
 
     def _beat(self) -> None:
+        """The thread's loop: a heartbeat now, then every interval until the trial ends."""
         while True:
             self.trial.set_user_attr("heartbeat", time.time())
             if self._done.wait(self.interval_s):
@@ -439,26 +440,28 @@ def write_outputs(optuna: Any, study: Any, settings: SweepSettings, status: str)
                    for t in trials],
     }
     run_dir = settings.run_dir
-    atomic_write_bytes(run_dir / "sweep_summary.json",
-                       (json.dumps(summary, indent=2, allow_nan=False, default=str) + "\n").encode())
+    atomic_write(run_dir / "sweep_summary.json",
+                 (json.dumps(summary, indent=2, allow_nan=False, default=str) + "\n").encode())
     if best is not None:
         config = load_config(settings.config_path, [
-            *settings.overrides, *(override(k, v) for k, v in best.params.items()),
-            override("run.output_dir", str(run_dir)), override("run.name", "best")])
+            *settings.overrides, *(format_override(k, v) for k, v in best.params.items()),
+            format_override("run.output_dir", str(run_dir)), format_override("run.name", "best")])
         header = (f"# The sweep's base config with the best parameters of study {study.study_name!r}\n"
                   f"# (trial {best.number}, {settings.metric} {best.value:.6g}). Train with:\n"
                   f"#   ddp-train --config {run_dir / 'best.yaml'}\n")
-        atomic_write_bytes(run_dir / "best.yaml", (header + config_to_yaml(config)).encode())
+        atomic_write(run_dir / "best.yaml", (header + config_to_yaml(config)).encode())
     _plot(optuna, study, run_dir, len(completed))
     return summary
 
 
 def _plot(optuna: Any, study: Any, run_dir: Path, completed: int) -> None:
-    """optimization_history.png and (with 2+ completed trials) param_importances.png."""
-    try:
-        import matplotlib
+    """optimization_history.png and (with 2+ completed trials) param_importances.png.
 
-        matplotlib.use("Agg")  # files only, no display
+    Optuna draws through pyplot and takes no axes to draw on. The backend is left as the
+    user has it (no ``matplotlib.use``): without a display pyplot picks Agg by itself,
+    and every figure is closed once written, so none is ever shown.
+    """
+    try:
         import matplotlib.pyplot as plt
         from optuna.visualization import matplotlib as optuna_plots
     except ImportError:
@@ -474,7 +477,9 @@ def _plot(optuna: Any, study: Any, run_dir: Path, completed: int) -> None:
             log.warning("%s skipped: %s", filename, exc)
             continue
         figure = axes.figure
-        figure.set_size_inches(8, 4.5)
-        figure.tight_layout()
-        figure.savefig(run_dir / filename, dpi=120)
-        plt.close(figure)
+        try:
+            figure.set_size_inches(8, 4.5)
+            figure.tight_layout()
+            atomic_write(run_dir / filename, functools.partial(figure.savefig, format="png", dpi=120))
+        finally:
+            plt.close(figure)

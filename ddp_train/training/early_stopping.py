@@ -46,6 +46,12 @@ class EarlyStopping:
             self.bad_validations += 1
         return self.config.enabled and self.bad_validations >= self.config.patience
 
+    def best(self) -> dict[str, Any]:
+        """The best validation so far: its ``step``, the ``metric`` watched, and its metrics ({} before any)."""
+        if self.best_step is None:
+            return {}
+        return {"step": self.best_step, "metric": self.config.metric, **self.best_metrics}
+
     def state_dict(self) -> dict[str, Any]:
         """Plain-typed state (loadable with weights_only=True)."""
         return {"best_value": self.best_value, "best_step": self.best_step,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
+
+from ddp_train.config import TrainConfig
+from ddp_train.distributed.environment import DistEnv
+from ddp_train.errors import ConfigError
 
 
 class ShardSampler(Sampler[int]):
@@ -78,12 +83,55 @@ def train_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, 
                       generator=torch.Generator().manual_seed(seed + rank))
 
 
+def epoch_batches(loader: DataLoader, seed: int, rank: int, epoch: int, start_sample: int) -> Iterator[Any]:
+    """An iterator over epoch ``epoch`` of a :func:`train_loader`, from this rank's
+    ``start_sample``-th sample on (0: the whole epoch)."""
+    # Worker seeds depend on (seed, rank, epoch) only, so a resumed run draws the same.
+    loader.generator.manual_seed((seed * 1_000_003 + epoch) * 1009 + rank)  # type: ignore[union-attr]
+    loader.sampler.set_position(epoch, start_sample)  # type: ignore[union-attr]
+    return iter(loader)
+
+
 def eval_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, num_workers: int,
                 pin_memory: bool) -> DataLoader:
     """Validation loader over this rank's exact shard (see :class:`ShardSampler`)."""
     sampler = ShardSampler(len(dataset), rank, world_size)  # type: ignore[arg-type]
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory)
+
+
+@dataclass
+class Loaders:
+    """A run's loaders and the length of its training."""
+
+    train: DataLoader
+    val: DataLoader | None
+    """None without a validation set (or an empty one)."""
+    steps_per_epoch: int
+    total_steps: int
+    """Optimizer steps of the whole run: whichever of train.epochs and train.max_steps ends it first."""
+
+
+def build_loaders(train_dataset: Dataset, val_dataset: Dataset | None, config: TrainConfig,
+                  env: DistEnv) -> Loaders:
+    """This rank's training and validation loaders; ConfigError when not one optimizer step fits an epoch."""
+    pin = env.device.type == "cuda"
+    train = train_loader(train_dataset, config.data.batch_size, env.rank, env.world_size,
+                         config.data.shuffle, config.run.seed, config.data.num_workers, pin)
+    val = None
+    if val_dataset is not None and len(val_dataset) > 0:  # type: ignore[arg-type]
+        val = eval_loader(val_dataset, config.eval.batch_size or config.data.batch_size, env.rank,
+                          env.world_size, config.data.num_workers, pin)
+    accum = config.train.grad_accum_steps
+    steps_per_epoch = len(train) // accum
+    if steps_per_epoch == 0:
+        global_batch = env.world_size * config.data.batch_size * accum
+        raise ConfigError("data.batch_size", f"expected a global batch (world size {env.world_size} × "
+                                             f"batch {config.data.batch_size} × accumulation {accum} = "
+                                             f"{global_batch}) no larger than the "
+                                             f"{len(train_dataset)} training samples")  # type: ignore[arg-type]
+    epochs_steps = steps_per_epoch * config.train.epochs
+    return Loaders(train, val, steps_per_epoch, min(epochs_steps, config.train.max_steps or epochs_steps))
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -8,12 +8,15 @@ A mean of per-rank means would weight ranks with fewer samples wrongly.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
+from torch import nn
 
-TASKS = ("classification", "regression", "language_model", "none")
-
+from ddp_train.components.losses import LossFn
+from ddp_train.distributed.environment import DistEnv
+from ddp_train.distributed.precision import Precision
+from ddp_train.training.loaders import to_device
 
 class MetricAccumulator:
     """Sums for the loss and the task's metrics over the batches one rank sees."""
@@ -99,3 +102,22 @@ def _regression_metrics(stats: torch.Tensor) -> dict[str, float]:
     return {"val/mse": sse.sum().item() / max(elements, 1),
             "val/mae": sae.sum().item() / max(elements, 1),
             "val/r2": 1.0 - sse.sum().item() / sst if sst > 0 else float("nan")}
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, batches: Iterable[tuple[Any, bool]], loss_fn: LossFn, task: str,
+             precision: Precision, env: DistEnv) -> dict[str, Any]:
+    """``val/...`` metrics of ``module`` over this rank's ``(batch, counts)`` pairs, reduced over
+    every rank (a collective); batches with ``counts`` False are run but not counted."""
+    was_training = module.training
+    module.eval()
+    accumulator = MetricAccumulator(task, env.device)
+    for batch, counts in batches:
+        inputs, targets = to_device(batch, env.device)
+        with precision.autocast():
+            outputs = module(inputs)
+            loss = loss_fn(outputs, targets)
+        if counts:
+            accumulator.update(outputs.float(), targets, loss.float())
+    module.train(was_training)
+    return accumulator.compute(env.all_reduce_sum)

@@ -1,7 +1,9 @@
-"""Seeding and capturing every random number generator a training process draws from."""
+"""Seeding and capturing every random number generator a training process draws from, and
+deterministic algorithms on request."""
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -11,6 +13,15 @@ try:
     import numpy as np
 except ImportError:  # NumPy is optional for library users: nothing to seed or save then
     np = None
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """With ``deterministic`` (``run.deterministic``), ask torch for deterministic algorithms only."""
+    if not deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,122 @@
+"""Where training stands, and the training loss between two reads: state a restart restores."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ddp_train.errors import TrainingFailed
+
+
+@dataclass
+class TrainingProgress:
+    """Where training stands; saved in every checkpoint (plain types only)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    epochs_completed: int = 0
+    status: str = "running"
+    last_val_step: int = -1
+    last_val: dict[str, Any] = field(default_factory=dict)
+    train_loss_since_val: float | None = None
+    wall_time_s: float = 0.0
+    nonfinite_skips: int = 0
+    nonfinite_in_a_row: int = 0
+
+    def step_done(self, steps_per_epoch: int) -> bool:
+        """Count one optimizer step; True when it ended the epoch (the next step starts the next)."""
+        self.global_step += 1
+        self.step_in_epoch += 1
+        if self.step_in_epoch < steps_per_epoch:
+            return False
+        self.epochs_completed += 1
+        self.epoch += 1
+        self.step_in_epoch = 0
+        return True
+
+    def summary(self, status: str, world_size: int, best: dict[str, Any]) -> dict[str, Any]:
+        """``summary.json``: how the run ended (``status``), where, its last and ``best`` validation."""
+        summary: dict[str, Any] = {
+            "status": status, "global_step": self.global_step, "epochs_completed": self.epochs_completed,
+            "world_size": world_size, "final": self.last_val, "best": best,
+            "wall_time_s": self.wall_time_s}
+        train_loss, val_loss = self.train_loss_since_val, self.last_val.get("val/loss")
+        if train_loss is not None and val_loss is not None:
+            # The over/underfitting signal: a large positive gap means the model fits the
+            # training set much better than unseen data.
+            summary["train_val_gap"] = {"train/loss": train_loss, "val/loss": val_loss,
+                                        "gap": val_loss - train_loss}
+        return summary
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every field, as plain types."""
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the fields saved by :meth:`state_dict`; ValueError for fields it does not have."""
+        unknown = set(state) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown progress fields {sorted(unknown)}")
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class RunningLoss:
+    """This rank's training loss summed since it was last read, in two independent windows.
+
+    Window 0 runs from one log step to the next, window 1 from one validation to the next.
+    The sums stay on the device in float64 (no host sync in the hot loop, no rounding drift
+    over a long window) and are read as the mean micro-batch loss over all ranks.
+    """
+
+    LOG, VALIDATION = 0, 1
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)
+        self.micro_batches = [0, 0]
+
+    def add(self, step_loss: torch.Tensor, micro_batches: int) -> None:
+        """Add one optimizer step's summed micro-batch loss (no host sync) to both windows."""
+        # A float32 loss is promoted by the in-place add exactly as .double() would.
+        self.sums += step_loss
+        self.micro_batches[0] += micro_batches
+        self.micro_batches[1] += micro_batches
+
+    def pending(self, window: int) -> bool:
+        """Whether this rank added anything to ``window`` since it was last read."""
+        return self.micro_batches[window] > 0
+
+    def read(self, window: int, reduce_sum: Callable[[torch.Tensor], torch.Tensor], step: int
+             ) -> float | None:
+        """The mean micro-batch loss of ``window`` over all ranks (a collective), then reset it.
+
+        None when no rank added a step to it (every step skipped as non-finite). ``step``
+        names the optimizer step in the error raised for a non-finite mean.
+        """
+        count = torch.tensor(float(self.micro_batches[window]), dtype=torch.float64,
+                             device=self.sums.device)
+        totals = reduce_sum(torch.stack([self.sums[window], count]))
+        self.sums[window] = 0.0
+        self.micro_batches[window] = 0
+        if totals[1].item() == 0:
+            return None
+        mean = (totals[0] / totals[1]).item()
+        if not math.isfinite(mean):
+            # Every rank sees the same reduced value, so every rank raises together.
+            raise TrainingFailed(f"non-finite training loss ({mean}) at or before optimizer step "
+                                 f"{step}: lower optim.lr, set train.clip_grad_norm, or check the data")
+        return mean
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's sums (on CPU) and micro-batch counts."""
+        return {"loss_sums": self.sums.cpu(), "micro_since": list(self.micro_batches)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.sums.copy_(state["loss_sums"])
+        self.micro_batches = list(state["micro_since"])
