@@ -10,7 +10,7 @@ Sections (each module's docstring says what it measures and why the comparison i
   what each of its per-step extras costs, for a tiny MLP and a mid-size GPT;
 * ``accumulation`` (``accumulation.py``): all-reduces per optimizer step with
   ``grad_accum_steps=4`` and the time ``no_sync`` saves;
-* ``checkpoint`` (``checkpoint_save.py``): ``CheckpointManager.save`` against a durable
+* ``checkpoint`` (``checkpoint_save.py``): ``FileCheckpointStore.save`` against a durable
   ``torch.save``, and the blocking time of an async save;
 * ``scaling`` (``scaling.py``): throughput at world size 1 and 2, DDP and FSDP, strong/weak
   efficiency;

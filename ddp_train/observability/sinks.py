@@ -171,7 +171,8 @@ class CsvSink:
 
 def require_tensorboard() -> None:
     """Raise a ConfigError naming the extra unless the tensorboard package is installed."""
-    require(("tensorboard",), "tensorboard", "logging.tensorboard", "logging.tensorboard")
+    # torch's writer is what the sink uses; it imports the tensorboard package.
+    require(("torch.utils.tensorboard",), "tensorboard", "logging.tensorboard", "logging.tensorboard")
 
 
 class TensorBoardSink:
