@@ -39,6 +39,9 @@ class TrainMetrics:
         self.grad_watch = GradNormWatch(debug.grad_norm_low, debug.grad_norm_high)
         self.activation_stats = ActivationStats(module) if debug.activation_stats else None
         self._layer_grad_norms = debug.layer_grad_norms
+        self.diagnostics = debug.activation_stats or debug.layer_grad_norms
+        """Whether any diagnostic is gathered on logged steps (else :meth:`capture` and
+        :meth:`after_backward` have nothing to do and need not be called)."""
         self._capturing = False
         self._layer_norms: dict[str, float] = {}
 

@@ -30,7 +30,7 @@ HOOKS = ("on_fit_start", "on_step_start", "on_step_end", "on_validation_end", "o
 """The methods a callback may have, in the order fit() reaches them."""
 
 
-@dataclass
+@dataclass(slots=True)
 class StepResult:
     """What one optimizer step did (:meth:`Trainer.train_step`)."""
 

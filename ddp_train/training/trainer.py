@@ -315,8 +315,9 @@ class Trainer:
         if accum != self.config.train.grad_accum_steps:
             raise ValueError(f"expected {self.config.train.grad_accum_steps} micro-batches "
                              f"(train.grad_accum_steps), got {accum}")
-        progress, strategy, precision = self.progress, self.strategy, self.precision
-        self.metrics.capture((progress.global_step + 1) % self.config.logging.every_steps == 0)
+        progress, strategy, precision, metrics = self.progress, self.strategy, self.precision, self.metrics
+        if metrics.diagnostics:  # gathered on the steps that are logged
+            metrics.capture((progress.global_step + 1) % self.config.logging.every_steps == 0)
         micro_losses = []
         for index, batch in enumerate(micro_batches):
             inputs, targets = to_device(batch, self.env.device) if self._move_batches else batch
@@ -327,12 +328,13 @@ class Trainer:
                 precision.backward(loss / accum if accum > 1 else loss)
             micro_losses.append(loss.detach())
         step_loss = micro_losses[0] if accum == 1 else torch.stack(micro_losses).double().sum()
-        if self.metrics.tokens_per_sample is None:
-            self.metrics.tokens_per_sample = tokens_per_sample(inputs, self.task)
+        if metrics.tokens_per_sample is None:
+            metrics.tokens_per_sample = tokens_per_sample(inputs, self.task)
         precision.unscale_(self.optimizer)
         grads = strategy.gradients()
         grad_norm = strategy.grad_norm(grads)
-        self.metrics.after_backward(self.module)
+        if metrics.diagnostics:
+            metrics.after_backward(self.module)
         lr = self.optimizer.param_groups[0]["lr"]
         finite = self.health.allows(step_loss, grad_norm, progress)
         if finite:
