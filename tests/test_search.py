@@ -47,6 +47,39 @@ def _counted_finished(trial: Any) -> bool:
     return state in ("COMPLETE", "PRUNED") or (state == "FAIL" and trial.user_attrs.get("outcome") == "failed")
 
 
+def test_a_lost_trials_place_stays_taken_until_its_retry_is_queued(tmp_path: Path) -> None:
+    """Between failing a lost trial and queueing its retry, a second worker counting places
+    must find them all taken; else it starts a trial in the lost one's place and the retry,
+    asked later, is dropped as surplus (the lost parameters never run again)."""
+    from ddp_train.tools.child_runs import StopRequests
+    from ddp_train.tools.sweep import SweepSettings, SweepWorker, places_taken
+
+    study = optuna.create_study()
+    for value in (1.0, 2.0, 3.0):
+        study.add_trial(optuna.trial.create_trial(params={"optim.lr": value}, value=value,
+                                                  distributions={"optim.lr": optuna.distributions.FloatDistribution(0.1, 10.0)}))
+    lost = study.ask({"optim.lr": optuna.distributions.FloatDistribution(0.1, 10.0)})
+    lost.set_user_attr("heartbeat", time.time() - 3600)  # its worker died long ago
+    settings = SweepSettings(None, [], [], trials=4, nproc=1, metric="val/loss", maximize=False,
+                             run_dir=tmp_path, heartbeat_s=1.0)
+    worker = SweepWorker(optuna, study, settings, StopRequests())
+    enqueue, seen = study.enqueue_trial, []
+
+    def enqueue_and_count(*args: Any, **kwargs: Any) -> None:
+        seen.append(places_taken(study.get_trials(), optuna))  # what a second worker sees now
+        enqueue(*args, **kwargs)
+
+    study.enqueue_trial = enqueue_and_count  # type: ignore[method-assign]
+    worker.requeue_lost_trials()
+    trials = study.get_trials()
+    assert trials[lost.number].state == optuna.trial.TrialState.FAIL
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == lost.number]
+    assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.WAITING
+    assert seen == [4], "the lost trial's place was free before its retry was queued"
+    assert places_taken(trials, optuna) == 4
+    assert places_taken(trials, optuna, among=lambda t: t.number < retry[0].number) == 3  # the retry fits
+
+
 @pytest.mark.timeout(240)
 def test_sweep_resumes_after_a_kill_with_two_workers_at_two_ranks(workdir: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:

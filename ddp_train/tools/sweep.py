@@ -37,7 +37,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ddp_train.checkpoint.atomic import atomic_write
 from ddp_train.config import config_to_yaml, format_override, load_config
@@ -222,13 +222,27 @@ def _pruner(optuna: Any, name: str, startup_trials: int) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def _counts(trial: Any, optuna: Any) -> bool:
-    """Whether ``trial`` takes one of the study's ``--trials`` places."""
-    state = trial.state
+def places_taken(trials: list[Any], optuna: Any, among: Callable[[Any], bool] = lambda trial: True
+                 ) -> int:
+    """How many of the study's ``--trials`` places the trials of ``trials`` that pass ``among`` take.
+
+    Running, queued and finished trials take one (a failed one only when its run failed).
+    A trial taken for lost (failed by another worker: the one failed trial without an
+    ``outcome``) keeps its place until its retry is queued, which then takes it over: a
+    worker starting a trial in between must not find the place free and take it, which
+    would leave the retry surplus.
+    """
     TrialState = optuna.trial.TrialState
-    if state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING):
-        return True
-    return state == TrialState.FAIL and trial.user_attrs.get("outcome") == COUNTED_FAILURE
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    taken = 0
+    for trial in filter(among, trials):
+        state, attrs = trial.state, trial.user_attrs
+        if state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING):
+            taken += 1
+        elif state == TrialState.FAIL:
+            outcome = attrs.get("outcome")
+            taken += outcome == COUNTED_FAILURE or (outcome is None and trial.number not in retried)
+    return taken
 
 
 class SweepWorker:
@@ -245,17 +259,17 @@ class SweepWorker:
         """``completed`` when the study has all its trials, ``interrupted`` after a stop signal."""
         TrialState = self.optuna.trial.TrialState
         while self.stop.signal_name is None:
-            self._requeue_lost_trials()
+            self.requeue_lost_trials()
             trials = self.study.get_trials(deepcopy=False)
             queued = any(t.state == TrialState.WAITING for t in trials)  # ask() takes these first
-            if sum(_counts(t, self.optuna) for t in trials) >= self.settings.trials and not queued:
+            if places_taken(trials, self.optuna) >= self.settings.trials and not queued:
                 if not any(t.state == TrialState.RUNNING for t in trials):
                     return "completed"
                 time.sleep(min(1.0, self.settings.heartbeat_s))  # running elsewhere: wait
                 continue
             trial = self.study.ask(self.distributions)
-            ahead = sum(_counts(t, self.optuna) for t in self.study.get_trials(deepcopy=False)
-                        if t.number < trial.number)
+            ahead = places_taken(self.study.get_trials(deepcopy=False), self.optuna,
+                                 among=lambda other: other.number < trial.number)
             if ahead >= self.settings.trials:  # another worker took the last place first
                 trial.set_user_attr("outcome", "surplus")
                 self.study.tell(trial, state=TrialState.FAIL)
@@ -263,7 +277,7 @@ class SweepWorker:
             self._run_trial(trial)
         return "interrupted"
 
-    def _requeue_lost_trials(self) -> None:
+    def requeue_lost_trials(self) -> None:
         """Fail running trials whose worker stopped beating, and queue their parameters again."""
         TrialState = self.optuna.trial.TrialState
         now = time.time()
@@ -274,6 +288,7 @@ class SweepWorker:
             if now - last <= LOST_AFTER_HEARTBEATS * self.settings.heartbeat_s:
                 continue
             try:
+                # Failed without an outcome: until its retry is queued, it keeps its place.
                 self.study.tell(trial.number, state=TrialState.FAIL)
             except (ValueError, self.optuna.exceptions.UpdateFinishedTrialError):
                 continue  # another worker got there first (or it just finished)
@@ -429,7 +444,7 @@ def write_outputs(optuna: Any, study: Any, settings: SweepSettings, status: str)
         "study": study.study_name, "status": status, "metric": settings.metric,
         "direction": "maximize" if settings.maximize else "minimize",
         "trials_asked": settings.trials,
-        "trials_done": sum(_counts(t, optuna) and t.state.is_finished() for t in trials),
+        "trials_done": places_taken(trials, optuna, among=lambda trial: trial.state.is_finished()),
         "best_value": best.value if best else None, "best_params": best.params if best else {},
         "best_trial": best.number if best else None,
         "best_run_dir": best.user_attrs.get("run_dir") if best else None,
