@@ -8,7 +8,6 @@ loading never runs code from the file.
 
 from __future__ import annotations
 
-import logging
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -16,12 +15,9 @@ from typing import Any, Callable
 import torch
 
 from ddp_train.checkpoint.atomic import atomic_link, atomic_write
-from ddp_train.checkpoint.store import FORMAT_VERSION, REQUIRED_KEYS, CheckpointStore, Ranks, SingleProcess
+from ddp_train.checkpoint.store import FORMAT_VERSION, REQUIRED_KEYS, SINGLE_PROCESS, CheckpointStore, Ranks
 from ddp_train.config import CheckpointConfig
 from ddp_train.errors import first_line
-
-log = logging.getLogger("ddp_train")
-
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load and check a checkpoint file; raises ValueError saying what is wrong with it."""
@@ -83,7 +79,7 @@ class Snapshot:
 class FileCheckpointStore(CheckpointStore):
     """Single-file checkpoints, written by rank 0 (optionally in the background)."""
 
-    def __init__(self, directory: Path, config: CheckpointConfig, ranks: Ranks = SingleProcess()) -> None:
+    def __init__(self, directory: Path, config: CheckpointConfig, ranks: Ranks = SINGLE_PROCESS) -> None:
         super().__init__(directory, config, ranks)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None

@@ -53,6 +53,10 @@ class SingleProcess:
         return obj
 
 
+SINGLE_PROCESS = SingleProcess()
+"""The ranks a store has unless it is given the job's."""
+
+
 @dataclass(frozen=True)
 class CheckpointFile:
     """One complete checkpoint on disk."""
@@ -71,7 +75,7 @@ class CheckpointStore(ABC):
     to the other ranks).
     """
 
-    def __init__(self, directory: Path, config: CheckpointConfig, ranks: Ranks = SingleProcess()) -> None:
+    def __init__(self, directory: Path, config: CheckpointConfig, ranks: Ranks = SINGLE_PROCESS) -> None:
         self.directory = directory
         self.config = config
         self.ranks = ranks

@@ -462,8 +462,7 @@ def _out_of_memory(config: TrainConfig, rank: int, device: torch.device, global_
 def describe(trainer: Trainer) -> str:
     """One line on what is being trained, for the console."""
     config = trainer.config
-    params = sum(p.numel() for p in trainer.module.parameters())
-    return (f"{config.model.name} ({params / 1e6:.3g}M parameters) on {config.data.name} | "
+    return (f"{config.model.name} ({trainer.metrics.num_params / 1e6:.3g}M parameters) on {config.data.name} | "
             f"world size {trainer.env.world_size} on {trainer.env.device} ({trainer.strategy.name}) | "
             f"global batch {trainer.env.world_size * config.data.batch_size * config.train.grad_accum_steps} | "
             f"{trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch) | "
