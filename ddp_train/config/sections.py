@@ -88,11 +88,22 @@ class DataConfig:
     """DataLoader worker processes per rank (0 loads in the training process)."""
     shuffle: bool = True
     """Shuffle the training set each epoch (the order depends on run.seed and the epoch only)."""
+    collate: str | None = None
+    """'package.module:fn' collating a list of items into a batch (training and validation); null: torch's default."""
+    target_key: str = "labels"
+    """For mapping batches: the entry that holds the targets (the model still receives the whole mapping)."""
+    steps_per_epoch: int | None = None
+    """Optimizer steps that make an epoch (needed for endless iterable data); null: one pass over the data."""
 
     def validate(self, key: str) -> None:
         """Check this section's values; a ConfigError names the key at fault."""
         _check(self.batch_size >= 1, f"{key}.batch_size", "an integer >= 1", self.batch_size)
         _check(self.num_workers >= 0, f"{key}.num_workers", "an integer >= 0", self.num_workers)
+        _check(self.collate is None or ":" in self.collate, f"{key}.collate",
+               "null or 'package.module:fn'", self.collate)
+        _check(self.target_key != "", f"{key}.target_key", "a non-empty key", self.target_key)
+        _check(self.steps_per_epoch is None or self.steps_per_epoch >= 1, f"{key}.steps_per_epoch",
+               "null or an integer >= 1", self.steps_per_epoch)
 
 
 @dataclass
@@ -206,6 +217,8 @@ class LoopConfig:
     """Optimizer steps to stop at (null: no limit)."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step; gradients are all-reduced only on the last one."""
+    step_fn: str | None = None
+    """'package.module:fn' with fn(model, batch) -> loss or (loss, {name: float}), replacing loss(model(inputs), targets)."""
     clip_grad_norm: float | None = None
     """Clip the global gradient norm to this value (after unscaling), or null."""
     clip_grad_value: float | None = None
@@ -235,6 +248,8 @@ class LoopConfig:
         for name in ("clip_grad_norm", "clip_grad_value"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"{key}.{name}", "null or a number > 0", value)
+        _check(self.step_fn is None or ":" in self.step_fn, f"{key}.step_fn",
+               "null or 'package.module:fn'", self.step_fn)
         _check(self.max_nonfinite_skips >= 1, f"{key}.max_nonfinite_skips", "an integer >= 1",
                self.max_nonfinite_skips)
         self.fsdp.validate(f"{key}.fsdp")
