@@ -24,7 +24,7 @@ from ddp_train.config import DistConfig, load_config
 from ddp_train.distributed.environment import DistEnv
 from ddp_train.distributed.grad_norm import GradNorm
 from ddp_train.distributed.preemption import PreemptionWatch
-from ddp_train.training.loaders import ResumableSampler
+from ddp_train.training.loaders import EpochSampler
 
 EXTRAS: dict[str, str] = {
     "grad_norm": "(a) global gradient norm (GradNorm: over DDP's flat buckets)",
@@ -67,7 +67,7 @@ class HandLoop:
             if accum != 1 or not isinstance(borrow.model, DistributedDataParallel):
                 raise ValueError("a borrowing HandLoop needs accum=1 and a Trainer that uses DDP")
             self.module, self.ddp = borrow.module, borrow.model
-            self.loader, self.optimizer = borrow.train_loader, borrow.optimizer
+            self.loader, self.optimizer = borrow.train_data.loader, borrow.optimizer
             self.sampler = self.loader.sampler  # type: ignore[assignment]
             self.scheduler = borrow.scheduler
         else:
@@ -100,9 +100,10 @@ class HandLoop:
     def _forever(self) -> Iterator[Any]:
         epoch = 0
         while True:
-            self.sampler.set_epoch(epoch)
-            if isinstance(self.sampler, ResumableSampler):  # a borrowed one: whole epochs
+            if isinstance(self.sampler, EpochSampler):  # a borrowed one: whole epochs
                 self.sampler.set_position(epoch, 0)
+            else:
+                self.sampler.set_epoch(epoch)
             yield from self.loader
             epoch += 1
 

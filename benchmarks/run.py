@@ -20,6 +20,8 @@ Sections (each module's docstring says what it measures and why the comparison i
 * ``startup`` (``startup.py``): time to the first optimizer step against ``import torch``;
 * ``projection`` (``projection.py``): projected DDP efficiency at N = 8, 64, 512, checked
   against the measured world-size-2 point (uses scaling, bandwidth and accumulation);
+* ``peers`` (``peers.py``, CPU only): a Hugging Face causal LM trained by a hand-written DDP
+  loop, ddp_train, Hugging Face's Trainer, Accelerate and Lightning: step times and ratios;
 * ``gpu`` (``gpu.py``, ``--device cuda`` only): GPT in bf16, eager and compiled.
 
 Before the suite, and again before every section, the script waits until the machine is
@@ -47,7 +49,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("overhead", "accumulation", "checkpoint", "scaling", "fsdp_memory", "bandwidth",
-            "startup", "projection", "gpu")
+            "startup", "projection", "peers", "gpu")
 PLANS: dict[str, dict[str, Any]] = {
     # (steps per block, rounds) per workload; other sizes per section.
     # overhead: (steps per block, rounds, paired iterations) in each of overhead_replicas
@@ -58,6 +60,7 @@ PLANS: dict[str, dict[str, Any]] = {
               "scaling": {"steps_per_block": 6, "blocks": 4, "repeats": 1},
               "fsdp_memory": {"repeats": 1, "steps_per_block": 6, "blocks": 3},
               "bandwidth_repeats": 8, "startup_repeats": 3, "startup_torchrun": False,
+              "peers": "quick",  # a plan of peers.PLANS
               "gpu": {"steps": 20, "warmup": 10}},
     "full": {"overhead": {"tiny_mlp": (40, 10, 400), "mid_gpt": (10, 5, 30)}, "overhead_replicas": 4,
              "accumulation": {"tiny_mlp": (10, 10), "mid_gpt": (4, 8)},
@@ -65,6 +68,7 @@ PLANS: dict[str, dict[str, Any]] = {
              "scaling": {"steps_per_block": 10, "blocks": 8, "repeats": 2},
              "fsdp_memory": {"repeats": 2, "steps_per_block": 8, "blocks": 4},
              "bandwidth_repeats": 20, "startup_repeats": 7, "startup_torchrun": True,
+             "peers": "full",
              "gpu": {"steps": 50, "warmup": 15}},
 }
 QUIET_CORES = 0.15
@@ -135,6 +139,13 @@ def run_projection(plan: dict[str, Any], device: str, done: dict[str, Any]) -> d
     return result
 
 
+def run_peers(plan: dict[str, Any], device: str, done: dict[str, Any]) -> dict[str, Any]:
+    import peers
+    if device != "cpu":
+        return {"status": "not run: the peer comparison runs on CPU (gloo)"}
+    return peers.run(**peers.PLANS[plan["peers"]])
+
+
 def run_gpu(plan: dict[str, Any], device: str, done: dict[str, Any]) -> dict[str, Any]:
     import gpu
     if device != "cuda":
@@ -146,7 +157,7 @@ RUNNERS: dict[str, Callable[[dict[str, Any], str, dict[str, Any]], dict[str, Any
     "overhead": run_overhead, "accumulation": run_accumulation, "checkpoint": run_checkpoint,
     "scaling": run_scaling, "fsdp_memory": run_fsdp_memory, "bandwidth": run_bandwidth,
     "startup": run_startup,
-    "projection": run_projection, "gpu": run_gpu,
+    "projection": run_projection, "peers": run_peers, "gpu": run_gpu,
 }
 
 
@@ -190,6 +201,10 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
                 "predicted_overlapped": check["predicted"]["overlapped"]["efficiency"],
                 "predicted_not_overlapped": check["predicted"]["not_overlapped"]["efficiency"],
                 "measured": check["measured"]["efficiency"]}
+    peer_results = results.get("peers", {})
+    if "contenders" in peer_results:
+        out["peers_ratio_to_hand"] = {name: entry["ratio_to_hand"]
+                                      for name, entry in peer_results["contenders"].items()}
     gpu = results.get("gpu", {})
     if "modes" in gpu:
         out["gpu"] = {mode: {k: data[k] for k in ("tokens_per_s", "mfu", "peak_memory_gib")}
@@ -374,6 +389,13 @@ def markdown(results: dict[str, Any]) -> str:
                           f"hand-written step."]
         lines.append("")
 
+    peer_results = results.get("peers", {})
+    if "contenders" in peer_results:
+        import peers
+        lines += [f"**Peers** ({peer_results['workload']['model']}, 2 gloo ranks, fp32; "
+                  f"{peer_results['replicas']} replicas × {peer_results['timed_steps_per_run']} steps)",
+                  "", peers.markdown(peer_results)]
+
     gpu = results.get("gpu", {})
     if "modes" in gpu:
         lines += ["**GPU** (bf16)", "", "| mode | tokens/s | MFU | peak GiB | warm-up s |",
@@ -418,6 +440,11 @@ def draw(results: dict[str, Any], out: Path) -> list[Path]:
         drawn.append(out / "checkpoint.png")
     if "ratios" in results.get("fsdp_memory", {}):
         drawn.append(fsdp_memory.plot(results["fsdp_memory"], out / "fsdp_memory.png"))
+    if "contenders" in results.get("peers", {}):
+        import peers
+        drawn.append(peers.plot({**results["peers"], "machine": results["machine"],
+                                 "started_utc": results["conditions"]["peers"]["timestamp_utc"]},
+                                out / "peers.png"))
     return drawn
 
 

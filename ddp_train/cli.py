@@ -14,6 +14,7 @@ import importlib
 import logging
 import sys
 
+from ddp_train.distributed.signals import keep_handlers_until_exit
 from ddp_train.errors import ConfigError, ExportFailed, TrainingFailed, UsageError, first_line
 
 log = logging.getLogger("ddp_train")
@@ -53,12 +54,20 @@ def _configure_logging(rank: int) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "ddp-train") -> int:
-    """Run a subcommand and return the process exit code."""
+    """Run a subcommand and return the process exit code.
+
+    Without ``argv`` this is the process's entry point (``ddp-train``, ``python -m
+    ddp_train``), which ends when the command does.
+    """
+    process_entry = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
         # The model server runs without torch (onnxruntime backend): it has no launcher
         # ranks and no torchelastic error file, whose helpers would import torch.
         return _run(argv, prog, rank=0)
+    if process_entry:
+        # A SIGTERM after a run's end (Slurm and torchrun both signal) must not make it exit 143.
+        keep_handlers_until_exit()
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from ddp_train.distributed.environment import read_launch_info

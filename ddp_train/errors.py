@@ -52,3 +52,10 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+class BatchError(ConfigError):
+    """A batch or model output outside the batch contract: one line naming what was received, exit 2."""
+
+    def __init__(self, message: str, key: str = "data") -> None:
+        super().__init__(key, message)

@@ -2,16 +2,19 @@
 
 Everything the package writes goes through :func:`atomic_write`; a finished directory (a
 sharded checkpoint) is renamed into place with :func:`publish`, and a second name for a
-finished checkpoint is made with :func:`atomic_link`. This module does not import torch
-(the model server writes through it too).
+finished checkpoint is made with :func:`atomic_link`; JSON files are written with
+:func:`atomic_write_json`, as strict JSON (:func:`json_text`). This module does not import
+torch (the model server writes through it too).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 TEMPORARY_MARK = ".tmp-"
 """Part of every temporary name (``.<name>.tmp-<pid>``): what a killed write leaves behind."""
@@ -57,6 +60,44 @@ def atomic_write(path: Path, content: bytes | Callable[[BinaryIO], object]) -> N
         temporary.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float, at any depth, replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """What ``json`` cannot write itself: a numpy or torch scalar as its number, anything
+    else (a Path) as its ``str()``."""
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return _finite(item())
+        except (TypeError, ValueError, RuntimeError):  # an array of several numbers
+            pass
+    return str(value)
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """``value`` as strict JSON, with NaN and infinities written as ``null``.
+
+    JSON has no NaN: by default Python writes a bare ``NaN`` that strict readers (jq,
+    JavaScript) reject, and ``allow_nan=False`` raises instead, so one undefined metric
+    (R² over a single sample) would cost the whole file.
+    """
+    return json.dumps(_finite(value), indent=indent, allow_nan=False, default=_plain)
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    """Write ``value`` to ``path`` as indented strict JSON (:func:`json_text`), atomically."""
+    atomic_write(path, (json_text(value, indent=2) + "\n").encode())
 
 
 def remove(path: Path) -> None:

@@ -13,8 +13,10 @@ have finished (DCP collects every rank's write results before writing ``.metadat
 rank 0 adds ``trainer.pt``, fsyncs and renames the directory to its final name, so a
 checkpoint is complete or invisible. Loading reshards: a checkpoint written by N ranks
 loads into M ranks (M = 1 included), since ``.metadata`` maps each tensor's slices to
-files. Only tensors live in the DCP files and ``.metadata`` is read with an allowlist of
-types, so, as for single-file checkpoints, loading never runs code from the files.
+files. Only tensors live in the DCP files: ``.metadata`` is read with an allowlist of
+types that admits tensor entries only, and the load planner refuses any other entry (DCP
+would unpickle it with ``weights_only=False``), so, as for single-file checkpoints,
+loading never runs code from the files.
 
 Single-file checkpoints (``step_00000120.pt``, written by DDP or single-process runs, or
 by ``ddp-train convert``) are listed and loaded alongside.
@@ -32,16 +34,18 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ddp_train.checkpoint.atomic import atomic_link, fsync_directory, publish, remove, temporary_path
-from ddp_train.checkpoint.single_file import read_checkpoint, save_file
-from ddp_train.checkpoint.store import FORMAT_VERSION, REQUIRED_KEYS, CheckpointFile, CheckpointStore
-from ddp_train.errors import first_line
+from ddp_train.checkpoint.single_file import load_plain, read_checkpoint, save_file
+from ddp_train.checkpoint.store import (FORMAT_VERSION, REQUIRED_KEYS, CheckpointFile, CheckpointStore,
+                                        save_failure)
+from ddp_train.errors import TrainingFailed, first_line
 
 TRAINER_STATE = "trainer.pt"
 """The file of a sharded checkpoint that holds everything but the model and optimizer tensors."""
@@ -54,11 +58,15 @@ _DIR_NAME = re.compile(r"^(step|best)_(\d{8})$")
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's ``.metadata``, refusing every global but the types it is made of."""
+    """Unpickles DCP's ``.metadata``, refusing every global but the types that describe tensors.
+
+    ``BytesStorageMetadata`` is refused: it marks an entry that DCP stores as pickled bytes
+    and unpickles with ``weights_only=False`` on load, and ddp_train never writes one.
+    """
 
     _ALLOWED = {
         "torch.distributed.checkpoint.metadata": {
-            "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+            "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata",
             "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
         "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
         "torch.serialization": {"_get_layout"},
@@ -74,6 +82,9 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
+        if name == "BytesStorageMetadata":
+            raise pickle.UnpicklingError("it lists a non-tensor entry (BytesStorageMetadata), refused: "
+                                         "loading one unpickles it, which can run code")
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
 
 
@@ -89,6 +100,29 @@ class SafeReader(FileSystemReader):
             metadata.storage_meta = dcp_metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class TensorOnlyPlanner(DefaultLoadPlanner):
+    """DCP's load planner, refusing every entry that is not a tensor.
+
+    DCP stores a non-tensor value as pickled bytes, and its default planner loads them with
+    ``torch.load(weights_only=False)``, which runs whatever code they name. ddp_train writes
+    only tensors, so such an entry is never one of ours: a second guard behind
+    :class:`SafeReader`'s allowlist.
+    """
+
+    def create_local_plan(self) -> LoadPlan:
+        """The default plan, once every read in it is checked to be a tensor's."""
+        plan = super().create_local_plan()
+        for item in plan.items:
+            if item.type != LoadItemType.TENSOR:
+                raise ValueError(f"refusing non-tensor entry {item.dest_index.fqn!r}: loading it "
+                                 f"unpickles it, which can run code")
+        return plan
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        """Never unpickle: the plan holds no such read."""
+        raise ValueError(f"refusing non-tensor entry {read_item.dest_index.fqn!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,15 +203,14 @@ def read_sharded(path: Path) -> dict[str, Any]:
     lost or truncated shard is refused before any rank starts loading it.
     """
     try:
-        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
-    except Exception as exc:  # missing, truncated, not a torch file, unsafe pickle...
-        raise ValueError(f"has no loadable {TRAINER_STATE} ({type(exc).__name__}: "
-                         f"{first_line(exc, 200)})") from None
+        state = load_plain(path / TRAINER_STATE)
+    except ValueError as exc:  # missing, empty, truncated, pickled objects...
+        raise ValueError(f"has an unloadable {TRAINER_STATE}, which {exc}") from None
     state = _check_trainer_state(state)
     try:
         metadata = SafeReader(path).read_metadata()
-    except Exception as exc:
-        raise ValueError(f"has no loadable .metadata ({type(exc).__name__}: "
+    except Exception as exc:  # missing, empty, truncated, a refused type...
+        raise ValueError(f"has an unloadable .metadata ({type(exc).__name__}: "
                          f"{first_line(exc, 200)})") from None
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
@@ -202,7 +235,7 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     optimizer_tensors, _ = _split(optimizer_state)
     target = {"model": model_state, "optimizer": optimizer_tensors}
     try:
-        dcp.load(target, storage_reader=SafeReader(path))
+        dcp.load(target, storage_reader=SafeReader(path), planner=TensorOnlyPlanner())
     except CheckpointException as exc:  # a BaseException: it would escape every handler
         raise ValueError(_first_failure(exc)) from None
     set_state_dict(model, optimizer, model_state_dict=target["model"],
@@ -229,7 +262,7 @@ def sharded_to_single_file(path: Path) -> dict[str, Any]:
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
-            dcp.load(target, storage_reader=SafeReader(path), no_dist=True)
+            dcp.load(target, storage_reader=SafeReader(path), planner=TensorOnlyPlanner(), no_dist=True)
         except CheckpointException as exc:
             raise ValueError(f"cannot be read ({_first_failure(exc)})") from None
     optimizer = _merge(target.get("optimizer", {}), state.pop("optimizer_plain"))
@@ -291,18 +324,26 @@ class ShardedCheckpointStore(CheckpointStore):
         try:
             dcp.save({"model": state["model"], "optimizer": optimizer_tensors},
                      storage_writer=FileSystemWriter(tmp, sync_files=True))
-        except CheckpointException as exc:  # e.g. a full disk on some rank
-            raise RuntimeError(f"writing checkpoint {name} failed: {_first_failure(exc)}") from None
+        except CheckpointException as exc:  # e.g. a full disk on some rank; every rank gets it
+            if self.ranks.is_main:  # every rank has stopped writing into it
+                remove(tmp)
+            raise TrainingFailed(f"writing checkpoint {name} failed: {_first_failure(exc)}") from None
         # dcp.save returns after every rank's shards are written and .metadata is.
         if not self.ranks.is_main:
             return first
         rest = {key: value for key, value in state.items() if key not in ("model", "optimizer")}
-        save_file({**rest, "optimizer_plain": optimizer_plain}, tmp / TRAINER_STATE)
-        fsync_directory(tmp)
-        publish(tmp, first)
-        if periodic and best:
-            atomic_link(first, self.directory / f"best_{step:08d}")
-        self._rotate(best)
+        best_path = self.directory / f"best_{step:08d}"
+        try:
+            save_file({**rest, "optimizer_plain": optimizer_plain}, tmp / TRAINER_STATE)
+            fsync_directory(tmp)
+            publish(tmp, first)
+            if periodic and best:
+                atomic_link(first, best_path)
+        except Exception as exc:
+            remove(tmp)
+            remove(temporary_path(best_path))
+            raise save_failure(f"writing checkpoint {name}", exc) from None
+        self._rotate(step, periodic, best)
         return first
 
 

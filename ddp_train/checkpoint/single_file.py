@@ -8,23 +8,56 @@ loading never runs code from the file.
 
 from __future__ import annotations
 
+import logging
+import pickle
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ddp_train.checkpoint.atomic import atomic_link, atomic_write
-from ddp_train.checkpoint.store import FORMAT_VERSION, REQUIRED_KEYS, SINGLE_PROCESS, CheckpointStore, Ranks
+from ddp_train.checkpoint.atomic import atomic_link, atomic_write, remove, temporary_path
+from ddp_train.checkpoint.store import (FORMAT_VERSION, REQUIRED_KEYS, SINGLE_PROCESS, CheckpointStore, Ranks,
+                                        save_failure)
 from ddp_train.config import CheckpointConfig
-from ddp_train.errors import first_line
+from ddp_train.errors import TrainingFailed, first_line
+
+log = logging.getLogger("ddp_train")
+
+
+def load_plain(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU: tensors and plain values only, so no code
+    from the file runs.
+
+    ValueError saying what is wrong with the file, worded to follow "it" (``it is empty
+    (0 bytes)``): empty, cut short, holding pickled objects, or otherwise unreadable.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({type(exc).__name__}: {first_line(exc, 200)})") from None
+    if size == 0:  # the commonest corruption: a full disk, or a kill between create and write
+        raise ValueError("is empty (0 bytes)")
+    # torch.save writes a zip archive whose index is at its very end: a file cut short
+    # anywhere is told apart here, before any of it is unpickled.
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"is truncated or not a checkpoint ({size} bytes, not a complete "
+                         f"torch.save archive)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            raise ValueError("holds pickled objects, not only tensors and plain values: refused, "
+                             "since loading them could run code") from None
+        raise ValueError(f"cannot be loaded ({type(exc).__name__}: {first_line(exc, 200)})") from None
+    except Exception as exc:  # bit rot inside the archive, a file system error...
+        raise ValueError(f"cannot be loaded ({type(exc).__name__}: {first_line(exc, 200)})") from None
+
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load and check a checkpoint file; raises ValueError saying what is wrong with it."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # empty, truncated zip, bit rot, not a torch file, unsafe pickle...
-        raise ValueError(f"cannot be loaded ({type(exc).__name__}: {first_line(exc, 200)})") from None
+    state = load_plain(path)
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         raise ValueError("is not a ddp_train checkpoint (keys missing)")
     if state["format_version"] != FORMAT_VERSION:
@@ -82,7 +115,7 @@ class FileCheckpointStore(CheckpointStore):
     def __init__(self, directory: Path, config: CheckpointConfig, ranks: Ranks = SINGLE_PROCESS) -> None:
         super().__init__(directory, config, ranks)
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._error: TrainingFailed | None = None
         self._snapshot = Snapshot()
 
     def read(self, path: Path) -> dict[str, Any]:
@@ -99,6 +132,8 @@ class FileCheckpointStore(CheckpointStore):
         loop waits for) and written by a background thread; a save waits for the
         previous one, so there are never two in flight. Either way, deleting rotated-out
         files (slow for large files on some file systems) happens in the background.
+        A failed write is TrainingFailed (here, or from :meth:`check_background` and
+        :meth:`wait` when it ran in the background) and leaves no temporary file.
         """
         path = self.directory / f"{'step' if periodic else 'best'}_{step:08d}.pt"
         if not self.ranks.is_main:
@@ -109,36 +144,51 @@ class FileCheckpointStore(CheckpointStore):
             snapshot = self._snapshot.take(state)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # the non-blocking device-to-host copies are done
-            self._start(self._write, snapshot, step, periodic, best)
+            self._start(f"writing checkpoint {path.name}", self._write, snapshot, step, periodic, best)
         else:
-            self._write(state, step, periodic, best, rotate=False)
-            self._start(self._rotate, best)
+            try:
+                self._write(state, step, periodic, best, rotate=False)
+            except Exception as exc:
+                raise save_failure(f"writing checkpoint {path.name}", exc) from None
+            self._start("removing old checkpoints", self._rotate, step, periodic, best)
         return path
 
-    def _start(self, target: Callable[..., None], *args: Any) -> None:
+    def _start(self, what: str, target: Callable[..., None], *args: Any) -> None:
         def run() -> None:
             try:
                 target(*args)
-            except BaseException as exc:  # reported by wait(), on the training thread
-                self._error = exc
+            except BaseException as exc:  # raised on the training thread by check_background() or wait()
+                failure = save_failure(what, exc)
+                # Said now, not at the next save or the end of the run, which may be hours away.
+                log.error("%s; the run stops", failure)
+                self._error = failure
         self._thread = threading.Thread(target=run, name="ddp_train-checkpoint")
         self._thread.start()
 
+    def check_background(self) -> None:
+        """TrainingFailed if the background save or rotation has failed; returns at once otherwise."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
     def wait(self) -> None:
-        """Block until background work (an async save, rotation) is done; re-raise its error."""
+        """Block until background work (an async save, rotation) is done; TrainingFailed if it failed."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"writing a checkpoint failed: {error}") from error
+        self.check_background()
 
     def _write(self, state: dict[str, Any], step: int, periodic: bool, best: bool,
                rotate: bool = True) -> None:
         step_path = self.directory / f"step_{step:08d}.pt"
         best_path = self.directory / f"best_{step:08d}.pt"
-        save_file(state, step_path if periodic else best_path)
-        if periodic and best:
-            atomic_link(step_path, best_path)
+        try:
+            save_file(state, step_path if periodic else best_path)
+            if periodic and best:
+                atomic_link(step_path, best_path)
+        except BaseException:
+            # atomic_write removes its own temporary; a failed link may leave one too.
+            remove(temporary_path(best_path))
+            raise
         if rotate:
-            self._rotate(best)
+            self._rotate(step, periodic, best)

@@ -7,6 +7,9 @@ own shards (:mod:`.sharded`). Names carry the step: ``step_00000120`` for period
 and preemption checkpoints, ``best_00000080`` for the best one (kept apart from rotation).
 A checkpoint is written under a hidden temporary name and renamed into place, so it is
 complete or invisible; what a killed save left behind is removed at the next start.
+Checkpoints newer than the one a run resumes from (unreadable ones that ``auto`` skipped,
+or the abandoned branch of an explicit ``checkpoint.resume=PATH``) are moved into
+``abandoned/``, where neither resuming nor rotation looks.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ddp_train.checkpoint.atomic import TEMPORARY_MARK
+from ddp_train.checkpoint.atomic import TEMPORARY_MARK, fsync_directory
 from ddp_train.config import CheckpointConfig
-from ddp_train.errors import ConfigError
+from ddp_train.errors import ConfigError, TrainingFailed, first_line
 
 log = logging.getLogger("ddp_train")
 
@@ -29,6 +32,9 @@ FORMAT_VERSION = 1
 """The version of what a checkpoint holds; a checkpoint of another version is not loaded."""
 REQUIRED_KEYS = ("format_version", "model", "optimizer", "scheduler", "progress", "ranks")
 """The entries every complete checkpoint state has."""
+ABANDONED = "abandoned"
+"""The folder of the checkpoints directory that checkpoints are moved into on resume (see
+:meth:`CheckpointStore.set_aside_newer`): neither resuming nor rotation looks into it."""
 _FILE_NAME = re.compile(r"^(step|best)_(\d{8})\.pt$")
 
 
@@ -94,8 +100,15 @@ class CheckpointStore(ABC):
         """Load and check one checkpoint; ValueError saying what is wrong with it."""
 
     def wait(self) -> None:
-        """Block until background work is done; re-raise its error (nothing runs in the
-        background unless the format says otherwise)."""
+        """Block until background work is done; TrainingFailed if it failed (nothing runs in
+        the background unless the format says otherwise)."""
+
+    def check_background(self) -> None:
+        """TrainingFailed if background work has failed; returns at once otherwise.
+
+        Cheap enough for every step: a run whose background save failed stops at once
+        instead of training on without checkpoints until its next save.
+        """
 
     def list(self) -> list[CheckpointFile]:
         """Complete checkpoints (by name), oldest first; temporaries are never listed."""
@@ -127,6 +140,28 @@ class CheckpointStore(ABC):
                         len(old), self.directory)
         for checkpoint in old:
             self.delete(checkpoint.path)
+
+    def set_aside_newer(self, step: int, reason: str) -> list[Path]:
+        """Move every checkpoint newer than optimizer step ``step`` into a new folder of
+        :data:`ABANDONED`, with a warning naming them; returns their new paths (rank 0).
+
+        Called with the step a run resumes from: the newer ones are unreadable (``auto``
+        skipped them) or belong to the branch an explicit resume abandons. Left in place,
+        ``resume=auto`` would jump back to that branch at the next start, and rotation would
+        delete the resumed run's new checkpoints to keep their higher step numbers.
+        Moved, not deleted: they may still be wanted.
+        """
+        newer = [checkpoint for checkpoint in self.list() if checkpoint.step > step]
+        if not newer:
+            return []
+        folder = _new_folder(self.directory / ABANDONED, f"after_step_{step:08d}")
+        moved = [checkpoint.path.rename(folder / checkpoint.path.name) for checkpoint in newer]
+        fsync_directory(folder)
+        fsync_directory(self.directory)
+        log.warning("moved %d checkpoint(s) newer than step %d into %s (%s), where neither "
+                    "resuming nor rotation looks: %s", len(moved), step, folder, reason,
+                    ", ".join(path.name for path in moved))
+        return moved
 
     def load_newest(self) -> tuple[dict[str, Any], Path] | None:
         """The newest checkpoint that loads; a broken one is named in a warning and skipped."""
@@ -160,13 +195,42 @@ class CheckpointStore(ABC):
         except ValueError as exc:
             raise ConfigError("checkpoint.resume", f"checkpoint {str(path)!r} {exc}") from None
 
-    def _rotate(self, new_best: bool) -> None:
-        """Keep the newest ``keep_last`` periodic checkpoints and, after a new best, only it."""
+    def _rotate(self, step: int, periodic: bool, best: bool) -> None:
+        """After saving ``step`` (periodic and/or best): keep the newest ``keep_last`` periodic
+        checkpoints and, after a new best, only it.
+
+        The checkpoint just written counts as the newest whatever the others' step numbers,
+        so a higher-numbered one of another branch never pushes it out.
+        """
         checkpoints = self.list()
-        periodic = [c for c in checkpoints if c.kind == "step"]
-        for old in periodic[:-self.config.keep_last]:
+
+        def just_written(checkpoint: CheckpointFile) -> bool:
+            return checkpoint.step == step and (periodic if checkpoint.kind == "step" else best)
+
+        # A stable sort: by step as listed, the checkpoint just written moved last.
+        periodic_ones = sorted((c for c in checkpoints if c.kind == "step"), key=just_written)
+        for old in periodic_ones[:-self.config.keep_last]:
             self.delete(old.path)
-        if new_best:
-            bests = [c for c in checkpoints if c.kind == "best"]
-            for old in bests[:-1]:
-                self.delete(old.path)
+        if best:
+            for old in checkpoints:
+                if old.kind == "best" and not just_written(old):
+                    self.delete(old.path)
+
+
+def save_failure(what: str, exc: BaseException) -> TrainingFailed:
+    """The one-line failure of ``what`` (writing a checkpoint): this rank's own, since it alone
+    may have hit a full disk or a lost file system."""
+    return TrainingFailed(f"{what} failed: {type(exc).__name__}: {first_line(exc)}", shared=False)
+
+
+def _new_folder(parent: Path, name: str) -> Path:
+    """A folder ``parent/name`` that did not exist (``name.2``, ``name.3``, ... when it did)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    folder, number = parent / name, 1
+    while True:
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            number += 1
+            folder = parent / f"{name}.{number}"

@@ -8,7 +8,9 @@ data from its ``config.yaml``) and ``ddp-train cv`` all build through
 from __future__ import annotations
 
 import inspect
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
@@ -17,22 +19,36 @@ from torch.utils.data import Dataset
 from ddp_train.components.datasets import DATASETS
 from ddp_train.components.losses import LOSS_TASKS, LossFn, build_loss
 from ddp_train.components.models import MODELS
+from ddp_train.components.registry import resolve_callable
 from ddp_train.config import TrainConfig
-from ddp_train.errors import ConfigError
+from ddp_train.errors import ConfigError, TrainingFailed, UsageError, first_line
 
 
 def call_factory(factory: Callable[..., Any], args: dict[str, Any], key: str) -> Any:
-    """``factory(**args)``; arguments that do not fit, or that it rejects, are a ConfigError on ``key``."""
+    """``factory(**args)``; arguments that do not fit it, or that it fails on, are a ConfigError on ``key``.
+
+    Whatever the factory raises while it builds from the user's arguments (ValueError for a
+    value it rejects, torch's RuntimeError for a negative layer size, TypeError for a value
+    of the wrong type) or from a bug in the user's own factory, the fix is in the config or
+    in that factory: one line naming the key, the factory, the error and the line that
+    raised it points there.
+    """
+    name = getattr(factory, "__name__", repr(factory))
     try:
         inspect.signature(factory).bind(**args)
     except TypeError as exc:
-        raise ConfigError(key, f"do not fit {getattr(factory, '__name__', factory)}: {exc}") from None
+        raise ConfigError(key, f"do not fit {name}: {first_line(exc)}") from None
     except ValueError:  # no introspectable signature: let the call itself decide
         pass
     try:
         return factory(**args)
-    except ValueError as exc:  # a factory rejecting its arguments: bad input, not a bug
-        raise ConfigError(key, f"rejected by {getattr(factory, '__name__', factory)}: {exc}") from None
+    except (ConfigError, UsageError, TrainingFailed):
+        raise  # already a one-line report naming its own key
+    except Exception as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+        raise ConfigError(key, f"rejected by {name} ({type(exc).__name__}{where}): "
+                               f"{first_line(exc)}") from None
 
 
 def with_hints(factory: Callable[..., Any], args: dict[str, Any], hints: dict[str, Any]
@@ -78,6 +94,10 @@ class Parts:
     loss_fn: LossFn
     task: str
     """The validation metrics besides the loss: classification, regression, language_model or none."""
+    collate: Callable[[list[Any]], Any] | None = None
+    """data.collate: items → batch, for training and validation (None: torch's default)."""
+    step_fn: Callable[[Any, Any], Any] | None = None
+    """train.step_fn: ``fn(model, batch) -> loss`` or ``(loss, {name: float})``, replacing the loss."""
 
 
 class PartsBuilder:
@@ -98,6 +118,8 @@ class PartsBuilder:
         # A loss passed in says nothing about the task; a configured one may (LOSS_TASKS).
         self._loss_name = config.loss.name if loss_fn is None else None
         self._loss_fn = loss_fn if loss_fn is not None else build_loss(config.loss.name, config.loss.args)
+        self.collate = resolve_callable(config.data.collate, "data.collate") if config.data.collate else None
+        self._step_fn = resolve_callable(config.train.step_fn, "train.step_fn") if config.train.step_fn else None
 
     def datasets(self) -> tuple[Dataset, Dataset | None]:
         """``(train_dataset, val_dataset)``: the ones passed in, or the data set factory's."""
@@ -116,8 +138,10 @@ class PartsBuilder:
         if model is None:
             assert self._model_factory is not None
             model = self._build_model(self._model_factory, getattr(train_dataset, "model_hints", {}))
-        task = infer_task(self.config.eval.task, val_dataset, self._loss_name)
-        return Parts(model, train_dataset, val_dataset, self._loss_fn, task)
+        # A step_fn's loss says nothing about the task either: its validation is the loss alone.
+        loss_name = self._loss_name if self._step_fn is None else None
+        task = infer_task(self.config.eval.task, val_dataset, loss_name)
+        return Parts(model, train_dataset, val_dataset, self._loss_fn, task, self.collate, self._step_fn)
 
     def _build_model(self, factory: Callable[..., Any], hints: dict[str, Any]) -> nn.Module:
         """The model from the ``model.name`` factory; the data set's size ``hints`` fill in the

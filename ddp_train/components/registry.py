@@ -40,6 +40,14 @@ def import_object(path: str, key: str) -> Any:
     return obj
 
 
+def resolve_callable(path: str, key: str) -> Callable[..., Any]:
+    """The callable at ``package.module:attr``; errors name ``key``."""
+    obj = import_object(path, key)
+    if not callable(obj):
+        raise ConfigError(key, f"{path!r} is not callable (got {type(obj).__name__})")
+    return obj
+
+
 class Registry:
     """A named collection of factories for one kind of building block."""
 
@@ -68,10 +76,7 @@ class Registry:
         """
         key = key or self.config_key
         if ":" in name:
-            obj = import_object(name, key)
-            if not callable(obj):
-                raise ConfigError(key, f"{name!r} is not callable (got {type(obj).__name__})")
-            return obj
+            return resolve_callable(name, key)
         if name in self._entries:
             return self._entries[name]
         close = difflib.get_close_matches(name, self._entries, n=1)

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-from ddp_train.config.sections import TrainConfig
-from ddp_train.errors import ConfigError
+from ddp_train.config.sections import TrainConfig, shown
+from ddp_train.errors import ConfigError, first_line
 
 # PyYAML follows YAML 1.1, where "1e-3" is a string; users mean a float.
 
@@ -34,9 +34,19 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
 
 
+_MAX_DEPTH = 100
+"""How deeply a free-form value (``model.args``, ...) may nest lists and mappings."""
+
+
 def parse_yaml(text: str) -> Any:
-    """Parse YAML text with the config's loader."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    """Parse YAML text with the config's loader; any failure is a ``yaml.YAMLError``."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except (ValueError, RecursionError) as exc:
+        # Raised by the constructors, not the parser, for text that is malformed all the
+        # same to the user: a date like 2020-13-45, '!!float abc', an int of more than
+        # 4300 digits, lists nested past the recursion limit.
+        raise yaml.YAMLError(first_line(exc)) from None
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -52,7 +62,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise ConfigError("", f"config file {str(file)!r} is not valid YAML{where}: {problem}") from None
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {str(file)!r}: {exc.strerror}") from None
@@ -76,19 +86,21 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     key = key.strip()
     if not sep or not key or any(part == "" for part in key.split(".")):
-        raise ConfigError("", f"override {override!r} is not of the form dotted.key=value "
+        raise ConfigError("", f"override {shown(override)} is not of the form dotted.key=value "
                               f"(e.g. optim.lr=3e-4)")
     try:
         value = parse_yaml(text) if text.strip() else None
-    except yaml.YAMLError:
-        raise ConfigError(key, f"override value {text!r} is not a YAML scalar or list") from None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or first_line(exc)
+        raise ConfigError(_key_text("", key), f"override value {shown(text)} is not valid YAML: "
+                                             f"{problem}") from None
     node = raw
     parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(".".join(parts[:depth + 1]),
-                              f"cannot set {key!r}: this key holds a {type(child).__name__}, "
+            raise ConfigError(_key_text("", ".".join(parts[:depth + 1])),
+                              f"cannot set {shown(key)}: this key holds a {type(child).__name__}, "
                               f"not a mapping")
         node = child
     node[parts[-1]] = value
@@ -113,18 +125,26 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
 # Type checking against the dataclass annotations.
 
 
+def _key_text(prefix: str, key: Any) -> str:
+    """A key for a message: as written when it is short printable text, else its shortened repr
+    (a key holding a newline must not break the one-line message)."""
+    if isinstance(key, str) and key.isprintable() and len(key) <= 80:
+        return prefix + key
+    return prefix + shown(key)
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(prefix.rstrip("."), f"expected a mapping of {cls.__name__} keys, "
-                                             f"got {raw!r}")
+                                             f"got {shown(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
-            raise ConfigError(f"{prefix}{key}", f"unknown key{hint} (valid keys here: "
-                                                f"{', '.join(names)})")
+            raise ConfigError(_key_text(prefix, key), f"unknown key{hint} (valid keys here: "
+                                                      f"{', '.join(names)})")
     kwargs = {name: _coerce(raw[name], hints[name], f"{prefix}{name}")
               for name in names if name in raw}
     return cls(**kwargs)
@@ -145,41 +165,65 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         except ConfigError as exc:
             raise ConfigError(key, exc.message.replace("expected ", "expected null or ", 1)) from None
     if origin is Literal:
-        if value in args and isinstance(value, str):
+        if isinstance(value, str) and value in args:
             return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        close = (difflib.get_close_matches(value, [str(a) for a in args], n=1)
+                 if isinstance(value, str) else [])
         hint_text = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(key, f"expected one of {', '.join(map(str, args))}, got {value!r}{hint_text}")
+        raise ConfigError(key, f"expected one of {', '.join(map(str, args))}, got {shown(value)}"
+                               f"{hint_text}")
     if origin is dict:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping, got {value!r}")
+            raise ConfigError(key, f"expected a mapping, got {shown(value)}")
+        _check_tree(value, key, seen=set(), depth=0)
         return dict(value)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(key, f"expected a list, got {value!r}")
+            raise ConfigError(key, f"expected a list, got {shown(value)}")
         return [_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(key, f"expected true or false, got {value!r}")
+        raise ConfigError(key, f"expected true or false, got {shown(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(key, f"expected an integer, got {value!r}")
+        raise ConfigError(key, f"expected an integer, got {shown(value)}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(key, f"expected a number, got {value!r}")
+            try:
+                return float(value)
+            except OverflowError:  # an int beyond ~1.8e308
+                raise ConfigError(key, f"expected a finite number, got {shown(value)}") from None
+        raise ConfigError(key, f"expected a number, got {shown(value)}")
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(key, f"expected a string, got {value!r}")
+        raise ConfigError(key, f"expected a string, got {shown(value)}")
     if hint is Any:
         return value
     raise TypeError(f"config field {key} has an unsupported annotation {hint!r}")
 
 
+def _check_tree(value: Any, key: str, seen: set[int], depth: int) -> None:
+    """``value`` (a free-form value such as ``model.args``) holds no list or mapping twice and
+    nests at most :data:`_MAX_DEPTH` deep.
+
+    A YAML alias repeats an object: nested aliases make a few lines expand exponentially,
+    and one inside itself makes a cycle, when the config is copied, compared or written to
+    ``config.yaml``. ``seen`` holds the ids of the lists and mappings met so far.
+    """
+    if not isinstance(value, (list, dict)):
+        return
+    if id(value) in seen:
+        raise ConfigError(key, "expected plain values, got a YAML alias that repeats a list or "
+                               "mapping (write the value out instead)")
+    if depth >= _MAX_DEPTH:
+        raise ConfigError(key, f"expected values nested at most {_MAX_DEPTH} levels deep")
+    seen.add(id(value))
+    for child in (value.values() if isinstance(value, dict) else value):
+        _check_tree(child, key, seen, depth + 1)

@@ -11,6 +11,8 @@ expected and what was given.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,16 +29,90 @@ Task = Literal["classification", "regression", "language_model", "none"]
 """The validation tasks (which metrics besides the loss)."""
 
 
+MAX_COUNT = 2**31 - 1
+"""The largest count (of steps, epochs, samples, ...) any key accepts. A larger one is a typo,
+and keeping counts within 32 bits keeps their products (steps x batch x world size, seed +
+epoch) within the 64-bit integers torch computes with."""
+MAX_SEED = 2**32 - 1
+"""``run.seed``'s upper bound, NumPy's: torch takes seeds below 2**64, and the seeds derived
+from run.seed (rank r's seed + r, the loaders' mix of seed, epoch and rank) stay below that."""
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+"""``dist.timeout_s``'s upper bound (7 days): a hung peer must fail the job at some point (an
+infinite timeout overflows the process group's timedelta; 1e12 s would be none at all)."""
+MAX_WORKERS = 256
+"""``data.num_workers``'s upper bound: worker processes per rank. A fixed bound, not one
+read from this machine, so that a config valid on a large node stays valid where it is
+reloaded (``export`` reads a run's config.yaml on any machine)."""
+MAX_BUCKET_MB = 65536.0
+"""``dist.bucket_cap_mb``'s upper bound (64 GiB): larger than any device's gradients; DDP
+turns the size into a C++ byte count, which a huge value would overflow."""
+NAME_MAX_BYTES = 255
+"""The longest file name (in bytes) Linux file systems take: ``run.name`` is one."""
+PATH_MAX_BYTES = 4096 - 256
+"""The longest run directory path: PATH_MAX, less room for the files written inside it."""
+_SHOWN_CHARS = 80
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to a readable length, for one-line error messages."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more digits than Python will print
+        return f"<{type(value).__name__} too long to print>"
+    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS - 3]}..."
+
+
 def _check(ok: bool, key: str, expected: str, given: Any) -> None:
     if not ok:
-        raise ConfigError(key, f"expected {expected}, got {given!r}")
+        raise ConfigError(key, f"expected {expected}, got {shown(given)}")
 
 
-class _Section:
-    """A config section that has nothing to check beyond its field types."""
+def _check_number(key: str, value: float | None, low: float, high: float | None = None, *,
+                  integer: bool = False, low_open: bool = False, high_open: bool = False,
+                  nullable: bool = False, unit: str = "") -> None:
+    """``value`` is finite and within ``low``..``high`` (closed unless ``*_open``; no upper
+    bound when ``high`` is None); ``nullable`` lets None through. ``unit`` follows the range
+    in the message (e.g. ``" seconds"``)."""
+    if value is None and nullable:
+        return
+    # Integers are exact at any size (math.isfinite would overflow on a huge one).
+    finite = value is not None and (isinstance(value, int) or math.isfinite(value))
+    ok = finite and (value > low if low_open else value >= low)  # type: ignore[operator]
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high  # type: ignore[operator]
+    kind = "an integer" if integer else "a finite number"
+    if high is None:
+        expected = f"{kind} {'>' if low_open else '>='} {_number_text(low)}{unit}"
+    else:
+        expected = (f"{kind} in {'(' if low_open else '['}{_number_text(low)}, "
+                    f"{_number_text(high)}{')' if high_open else ']'}{unit}")
+    _check(ok, key, f"null or {expected}" if nullable else expected, value)
 
-    def validate(self, key: str) -> None:
-        """Check this section's values (the loader has already checked their types)."""
+
+def _number_text(bound: float) -> str:
+    """A range bound as the user would type it: integers in full, floats without trailing zeros."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
+def _check_count(key: str, value: int | None, low: int, *, nullable: bool = False) -> None:
+    """``value`` is an integer from ``low`` to :data:`MAX_COUNT` (or None when ``nullable``)."""
+    _check_number(key, value, low, MAX_COUNT, integer=True, nullable=nullable)
+
+
+def _check_import_path(key: str, path: str, expected: str) -> None:
+    """``path`` is ``package.module:attr`` made of Python identifiers (what can be imported
+    without importing anything the user did not name, such as a relative module)."""
+    module, sep, attr = path.partition(":")
+    parts = [*module.split("."), *attr.split(".")]
+    _check(sep == ":" and all(part.isidentifier() for part in parts), key, expected, path)
+
+
+def _check_factory_name(key: str, name: str) -> None:
+    """A built-in name is left to the registry (which suggests the closest one); a user's
+    ``package.module:factory`` must be importable as written."""
+    if ":" in name:
+        _check_import_path(key, name, "a built-in name or 'package.module:factory' made of "
+                                      "Python identifiers")
 
 
 @dataclass
@@ -55,13 +131,58 @@ class RunConfig:
     """Device: auto = cuda:<LOCAL_RANK> when CUDA is available, else cpu."""
 
     def validate(self, key: str) -> None:
-        """Check this section's values; a ConfigError names the key at fault."""
-        _check(self.name.strip() != "" and "/" not in self.name, f"{key}.name",
-               "a non-empty name without '/'", self.name)
+        """Check this section's values, and that the run directory can be a directory; a
+        ConfigError names the key at fault."""
+        # One directory level below output_dir: '.', '..' and '/' would leave it.
+        _check(self.name.strip() not in ("", ".", "..") and "/" not in self.name
+               and _is_path_text(self.name) and len(os.fsencode(self.name)) <= NAME_MAX_BYTES,
+               f"{key}.name", f"a directory name: not empty, '.' or '..', without '/' or control "
+                              f"characters, at most {NAME_MAX_BYTES} bytes", self.name)
+        _check(_is_path_text(self.output_dir)
+               and all(len(os.fsencode(part)) <= NAME_MAX_BYTES for part in Path(self.output_dir).parts),
+               f"{key}.output_dir", f"a directory path without control characters, each part at "
+                                    f"most {NAME_MAX_BYTES} bytes", self.output_dir)
+        _check_number(f"{key}.seed", self.seed, 0, MAX_SEED, integer=True)
+        _check_run_directory(key, Path(self.output_dir) / self.name)
+
+
+def _is_path_text(text: str) -> bool:
+    """No NUL, control character or lone surrogate: text the OS takes as a path as it reads."""
+    return all(char.isprintable() or char == " " for char in text)
+
+
+def _check_run_directory(key: str, run_dir: Path) -> None:
+    """The run directory, or else the nearest of its parents that exists, is a directory this
+    process may write into, and its path leaves room for the files written inside it.
+
+    Read-only (nothing is created): run before any process group exists or any file is
+    written, so that a path through a file fails as a config error, not as a traceback
+    from the first mkdir.
+    """
+    # Not normalised: 'file/../x' fails at the OS, as 'file' is not a directory, so it fails here.
+    absolute = Path.cwd() / run_dir
+    _check(len(os.fsencode(str(absolute))) <= PATH_MAX_BYTES, f"{key}.output_dir",
+           f"a run directory path of at most {PATH_MAX_BYTES} bytes", str(absolute))
+    for path in (absolute, *absolute.parents):
+        try:
+            if not path.exists():
+                continue
+            is_dir = path.is_dir()
+        except OSError as exc:
+            raise ConfigError(f"{key}.output_dir", f"cannot inspect {str(path)!r}: "
+                                                  f"{exc.strerror or exc}") from None
+        at_fault = f"{key}.name" if path == absolute else f"{key}.output_dir"
+        if not is_dir:
+            raise ConfigError(at_fault, f"expected a directory (or a path that can be created), "
+                                        f"but {str(path)!r} is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(at_fault, f"expected a directory this process may write into, "
+                                        f"but {str(path)!r} is not writable")
+        return
 
 
 @dataclass
-class ModelConfig(_Section):
+class ModelConfig:
     """The model to train."""
 
     name: str = "mlp"
@@ -72,6 +193,10 @@ class ModelConfig(_Section):
     """Weight initialisation; default keeps the factory's own."""
     norm: WeightNorm = "none"
     """Reparametrise Linear/Conv weights with weight or spectral normalisation."""
+
+    def validate(self, key: str) -> None:
+        """Check this section's values; a ConfigError names the key at fault."""
+        _check_factory_name(f"{key}.name", self.name)
 
 
 @dataclass
@@ -97,23 +222,28 @@ class DataConfig:
 
     def validate(self, key: str) -> None:
         """Check this section's values; a ConfigError names the key at fault."""
-        _check(self.batch_size >= 1, f"{key}.batch_size", "an integer >= 1", self.batch_size)
-        _check(self.num_workers >= 0, f"{key}.num_workers", "an integer >= 0", self.num_workers)
-        _check(self.collate is None or ":" in self.collate, f"{key}.collate",
-               "null or 'package.module:fn'", self.collate)
+        _check_factory_name(f"{key}.name", self.name)
+        _check_count(f"{key}.batch_size", self.batch_size, 1)
+        _check_number(f"{key}.num_workers", self.num_workers, 0, MAX_WORKERS, integer=True,
+                      unit=" (worker processes per rank; more would exhaust the machine's processes)")
+        if self.collate is not None:
+            _check_import_path(f"{key}.collate", self.collate, "null or 'package.module:fn'")
         _check(self.target_key != "", f"{key}.target_key", "a non-empty key", self.target_key)
-        _check(self.steps_per_epoch is None or self.steps_per_epoch >= 1, f"{key}.steps_per_epoch",
-               "null or an integer >= 1", self.steps_per_epoch)
+        _check_count(f"{key}.steps_per_epoch", self.steps_per_epoch, 1, nullable=True)
 
 
 @dataclass
-class LossConfig(_Section):
+class LossConfig:
     """The training objective."""
 
     name: str = "cross_entropy"
     """Built-in loss (cross_entropy, mse, l1, smooth_l1, bce_with_logits) or 'package.module:fn'."""
     args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the built-in loss (e.g. label_smoothing) or of a user factory."""
+
+    def validate(self, key: str) -> None:
+        """Check this section's values; a ConfigError names the key at fault."""
+        _check_factory_name(f"{key}.name", self.name)
 
 
 @dataclass
@@ -135,10 +265,13 @@ class OptimConfig:
 
     def validate(self, key: str) -> None:
         """Check this section's values; a ConfigError names the key at fault."""
-        _check(self.lr >= 0, f"{key}.lr", "a number >= 0", self.lr)
-        _check(self.weight_decay >= 0, f"{key}.weight_decay", "a number >= 0", self.weight_decay)
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{key}.betas",
-               "two numbers in [0, 1)", self.betas)
+        _check_factory_name(f"{key}.name", self.name)
+        _check_number(f"{key}.lr", self.lr, 0, low_open=True)
+        _check_number(f"{key}.weight_decay", self.weight_decay, 0)
+        _check_number(f"{key}.momentum", self.momentum, 0, 1, high_open=True)
+        _check(len(self.betas) == 2, f"{key}.betas", "two numbers in [0, 1)", self.betas)
+        for i, beta in enumerate(self.betas):
+            _check_number(f"{key}.betas[{i}]", beta, 0, 1, high_open=True)
 
 
 @dataclass
@@ -158,10 +291,12 @@ class ScheduleConfig:
 
     def validate(self, key: str) -> None:
         """Check this section's values; a ConfigError names the key at fault."""
-        _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "an integer >= 0", self.warmup_steps)
-        _check(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "a number in [0, 1]",
-               self.min_lr_ratio)
-        _check(self.step_size >= 1, f"{key}.step_size", "an integer >= 1", self.step_size)
+        _check_factory_name(f"{key}.name", self.name)
+        _check_count(f"{key}.warmup_steps", self.warmup_steps, 0)
+        _check_number(f"{key}.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        _check_count(f"{key}.step_size", self.step_size, 1)
+        # 0 would stop learning after step_size steps; above 1 the LR would grow without end.
+        _check_number(f"{key}.gamma", self.gamma, 0, 1, low_open=True)
 
 
 @dataclass
@@ -183,8 +318,8 @@ class EarlyStoppingConfig:
         """Check this section's values; a ConfigError names the key at fault."""
         _check(self.metric.startswith("val/"), f"{key}.metric",
                "a validation metric such as 'val/loss' or 'val/accuracy'", self.metric)
-        _check(self.patience >= 1, f"{key}.patience", "an integer >= 1", self.patience)
-        _check(self.min_delta >= 0, f"{key}.min_delta", "a number >= 0", self.min_delta)
+        _check_count(f"{key}.patience", self.patience, 1)
+        _check_number(f"{key}.min_delta", self.min_delta, 0)
 
 
 @dataclass
@@ -240,18 +375,15 @@ class LoopConfig:
 
     def validate(self, key: str) -> None:
         """Check this section's values and its subsections'; a ConfigError names the key at fault."""
-        _check(self.epochs >= 1, f"{key}.epochs", "an integer >= 1", self.epochs)
-        _check(self.max_steps is None or self.max_steps >= 1, f"{key}.max_steps",
-               "null or an integer >= 1", self.max_steps)
-        _check(self.grad_accum_steps >= 1, f"{key}.grad_accum_steps", "an integer >= 1",
-               self.grad_accum_steps)
+        _check_count(f"{key}.epochs", self.epochs, 1)
+        _check_count(f"{key}.max_steps", self.max_steps, 1, nullable=True)
+        _check_count(f"{key}.grad_accum_steps", self.grad_accum_steps, 1)
         for name in ("clip_grad_norm", "clip_grad_value"):
-            value = getattr(self, name)
-            _check(value is None or value > 0, f"{key}.{name}", "null or a number > 0", value)
-        _check(self.step_fn is None or ":" in self.step_fn, f"{key}.step_fn",
-               "null or 'package.module:fn'", self.step_fn)
-        _check(self.max_nonfinite_skips >= 1, f"{key}.max_nonfinite_skips", "an integer >= 1",
-               self.max_nonfinite_skips)
+            # No clipping is null, not infinity.
+            _check_number(f"{key}.{name}", getattr(self, name), 0, low_open=True, nullable=True)
+        if self.step_fn is not None:
+            _check_import_path(f"{key}.step_fn", self.step_fn, "null or 'package.module:fn'")
+        _check_count(f"{key}.max_nonfinite_skips", self.max_nonfinite_skips, 1)
         self.fsdp.validate(f"{key}.fsdp")
         self.early_stopping.validate(f"{key}.early_stopping")
 
@@ -269,9 +401,8 @@ class EvalConfig:
 
     def validate(self, key: str) -> None:
         """Check this section's values; a ConfigError names the key at fault."""
-        _check(self.every_steps >= 0, f"{key}.every_steps", "an integer >= 0", self.every_steps)
-        _check(self.batch_size is None or self.batch_size >= 1, f"{key}.batch_size",
-               "null or an integer >= 1", self.batch_size)
+        _check_count(f"{key}.every_steps", self.every_steps, 0)
+        _check_count(f"{key}.batch_size", self.batch_size, 1, nullable=True)
 
 
 @dataclass
@@ -293,9 +424,9 @@ class LoggingConfig:
 
     def validate(self, key: str) -> None:
         """Check this section's values; a ConfigError names the key at fault."""
-        _check(self.every_steps >= 1, f"{key}.every_steps", "an integer >= 1", self.every_steps)
-        _check(self.peak_flops is None or self.peak_flops > 0, f"{key}.peak_flops",
-               "null or a number of FLOP/s > 0", self.peak_flops)
+        _check_count(f"{key}.every_steps", self.every_steps, 1)
+        _check_number(f"{key}.peak_flops", self.peak_flops, 0, low_open=True, nullable=True,
+                      unit=" FLOP/s")
 
 
 @dataclass
@@ -318,8 +449,8 @@ class ProfileConfig:
     def validate(self, key: str) -> None:
         """Check this section's values; a ConfigError names the key at fault."""
         for name in ("wait", "warmup"):
-            _check(getattr(self, name) >= 0, f"{key}.{name}", "an integer >= 0", getattr(self, name))
-        _check(self.active >= 1, f"{key}.active", "an integer >= 1", self.active)
+            _check_count(f"{key}.{name}", getattr(self, name), 0)
+        _check_count(f"{key}.active", self.active, 1)
 
 
 @dataclass
@@ -337,8 +468,9 @@ class DebugConfig:
 
     def validate(self, key: str) -> None:
         """Check this section's values; a ConfigError names the key at fault."""
-        _check(0 <= self.grad_norm_low < self.grad_norm_high, f"{key}.grad_norm_low",
-               "0 <= grad_norm_low < grad_norm_high", self.grad_norm_low)
+        _check_number(f"{key}.grad_norm_high", self.grad_norm_high, 0, low_open=True)
+        _check_number(f"{key}.grad_norm_low", self.grad_norm_low, 0, self.grad_norm_high,
+                      high_open=True, unit=" (below grad_norm_high)")
 
 
 @dataclass
@@ -361,11 +493,10 @@ class CheckpointConfig:
     def validate(self, key: str) -> None:
         """Check this section's values; a ConfigError names the key at fault."""
         for name in ("every_steps", "every_epochs"):
-            value = getattr(self, name)
-            _check(value >= 0, f"{key}.{name}", "an integer >= 0 (0: off)", value)
-        _check(self.keep_last >= 1, f"{key}.keep_last", "an integer >= 1", self.keep_last)
-        _check(self.resume.strip() != "", f"{key}.resume", "auto, never or a checkpoint path",
-               self.resume)
+            _check_count(f"{key}.{name}", getattr(self, name), 0)
+        _check_count(f"{key}.keep_last", self.keep_last, 1)
+        _check(self.resume.strip() != "" and _is_path_text(self.resume), f"{key}.resume",
+               "auto, never or a checkpoint path without control characters", self.resume)
 
 
 @dataclass
@@ -387,10 +518,11 @@ class DistConfig:
 
     def validate(self, key: str) -> None:
         """Check this section's values; a ConfigError names the key at fault."""
-        _check(self.timeout_s > 0, f"{key}.timeout_s", "a number of seconds > 0", self.timeout_s)
-        _check(self.bucket_cap_mb > 0, f"{key}.bucket_cap_mb", "a number > 0", self.bucket_cap_mb)
-        _check(0 <= self.preemption_sync_s <= 60, f"{key}.preemption_sync_s",
-               "a number of seconds from 0 to 60", self.preemption_sync_s)
+        _check_number(f"{key}.timeout_s", self.timeout_s, 0, MAX_TIMEOUT_S, low_open=True,
+                      unit=" seconds (at most 7 days)")
+        _check_number(f"{key}.bucket_cap_mb", self.bucket_cap_mb, 0, MAX_BUCKET_MB, low_open=True,
+                      unit=" MiB")
+        _check_number(f"{key}.preemption_sync_s", self.preemption_sync_s, 0, 60, unit=" seconds")
 
 
 @dataclass

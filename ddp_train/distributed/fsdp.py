@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, IterableDataset
 
 from ddp_train.checkpoint.sharded import (ShardedCheckpointStore, load_sharded, optimizer_state_by_index,
                                           optimizer_state_by_name)
@@ -124,24 +124,33 @@ def even_batches(loader: DataLoader, env: DistEnv) -> Iterator[tuple[Any, bool]]
     """``(batch, counts)`` pairs with as many batches on every rank.
 
     A sharded model's forward is a collective (it gathers parameters), but validation
-    shards may differ in size by a sample, or be empty. Ranks with fewer batches repeat
-    a batch with ``counts=False`` so that every forward has its partners; its outputs
-    are discarded.
+    shards may differ in size by a sample, or be empty, and a stream's shards have no
+    length. Before each batch the ranks agree whether any has one left (a collective of
+    one number); ranks that have none repeat a batch with ``counts=False`` so that every
+    forward has its partners; its outputs are discarded.
     """
-    count = torch.tensor([len(loader)], dtype=torch.int64, device=env.device)
-    if env.distributed:
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    total = int(count.item())
+    batches = iter(loader)
     last: Any = None
-    done = 0
-    for batch in loader:
-        last = batch
-        done += 1
-        yield batch, True
-    if done < total and last is None:
-        last = default_collate([loader.dataset[0]])  # an empty shard: any sample will do
-    for _ in range(total - done):
+    while True:
+        batch = next(batches, None)
+        more = torch.tensor([batch is not None], dtype=torch.int64, device=env.device)
+        if env.distributed:
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        if batch is not None:
+            last = batch
+            yield batch, True
+            continue
+        if last is None:  # an empty shard: any sample will do
+            last = loader.collate_fn([_any_item(loader.dataset)])
         yield last, False
+
+
+def _any_item(dataset: Any) -> Any:
+    """One item of a map-style data set, or of the stream behind a rank's share of one."""
+    source = getattr(dataset, "source", dataset)
+    return next(iter(source)) if isinstance(source, IterableDataset) else source[0]
 
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

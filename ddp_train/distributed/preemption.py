@@ -60,6 +60,10 @@ class PreemptionWatch(SignalFlag):
         """Log that this rank will stop after an agreed step and checkpoint."""
         log.warning("%s received: finishing the current step, then checkpointing", name)
 
+    def ignore_late(self, name: str) -> None:
+        """Log a signal that came after training ended (the command keeps the handlers until exit)."""
+        log.warning("%s received after training ended: ignored, the run's result stands", name)
+
     def agreed(self) -> bool:
         """Call once per optimizer step on every rank: True when all ranks should stop now."""
         requested = self.signal_name is not None

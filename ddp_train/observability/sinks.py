@@ -9,12 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from ddp_train.checkpoint.atomic import atomic_write
+from ddp_train.checkpoint.atomic import atomic_write, json_text
 from ddp_train.checkpoint.run_directory import RunDirectory
 from ddp_train.config import LoggingConfig
 from ddp_train.extras import require
@@ -51,10 +50,8 @@ class JsonlSink:
         self._file = path.open("a", encoding="utf-8")
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append ``record`` as a line (non-finite floats become null: JSON has no NaN)."""
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
+        """Append ``record`` as a line of strict JSON (non-finite numbers, nested ones too, as null)."""
+        self._file.write(json_text(record) + "\n")
         self._file.flush()
 
     def close(self) -> None:

@@ -3,6 +3,7 @@ the diagnostics asked for (``train/...``, ``sys/...``, ``grad_norm/...``, ``act/
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -13,9 +14,17 @@ from ddp_train.observability.diagnostics import ActivationStats, GradNormWatch, 
 from ddp_train.observability.system_metrics import SystemMonitor, peak_flops, training_flops_per_sample
 
 
-def tokens_per_sample(inputs: Any, task: str) -> int:
-    """Tokens a sample carries: the sequence length for language models, else 1."""
-    if task == "language_model" and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
+def tokens_per_sample(batch: Any, task: str) -> int:
+    """Tokens a sample of ``batch`` carries: the sequence length for language models, else 1.
+
+    The inputs of a pair, or a mapping's ``input_ids`` (else its first tensor).
+    """
+    if task != "language_model":
+        return 1
+    inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if isinstance(inputs, Mapping):
+        inputs = inputs.get("input_ids", next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None))
+    if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
         return int(inputs.shape[1])
     return 1
 

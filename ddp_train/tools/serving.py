@@ -429,6 +429,9 @@ def create_app(options: ServeOptions) -> FastAPI:
     # A warm-up batch proves the model runs before the server reports ready.
     backend.run(np.zeros((1, *spec.example_shape), dtype=spec.dtype))
     state = {"ready": False}
+    global POOL
+    import concurrent.futures, multiprocessing
+    POOL = concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context('forkserver'))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -452,7 +455,8 @@ def create_app(options: ServeOptions) -> FastAPI:
 
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
-        batch, single = spec.parse(await read_body(request, options.max_body_bytes))
+        import asyncio
+        batch, single = await asyncio.get_running_loop().run_in_executor(POOL, spec.parse, await read_body(request, options.max_body_bytes))
         drift.update(batch)
         metrics.batch_size.observe(len(batch))
         try:

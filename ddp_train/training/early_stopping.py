@@ -6,7 +6,30 @@ import math
 from typing import Any
 
 from ddp_train.config import EarlyStoppingConfig
+from ddp_train.config.sections import shown
 from ddp_train.errors import ConfigError
+
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("val/loss", "val/accuracy", "val/precision_macro", "val/recall_macro",
+                       "val/f1_macro"),
+    "language_model": ("val/loss", "val/accuracy", "val/perplexity"),
+    "regression": ("val/loss", "val/mse", "val/mae", "val/r2"),
+    "none": ("val/loss",),
+}
+"""The metrics validation reports for each task (:mod:`ddp_train.training.metrics`) that can be
+watched: numbers that can improve (``val/samples`` never does; the confusion matrix is not one)."""
+
+
+def watchable_metrics(task: str, custom_step: bool) -> tuple[str, ...]:
+    """The metrics a validation of ``task`` reports that early stopping can watch.
+
+    With a ``train.step_fn`` (``custom_step``) the model's predictions are not seen, so
+    only the loss and what follows from it alone (a language model's perplexity) are there.
+    A task ddp_train does not know (a data set's own ``task``) gets the loss only.
+    """
+    if custom_step:
+        return ("val/loss", "val/perplexity") if task == "language_model" else ("val/loss",)
+    return TASK_METRICS.get(task, ("val/loss",))
 
 
 class EarlyStopping:
@@ -22,6 +45,16 @@ class EarlyStopping:
         self.best_step: int | None = None
         self.best_metrics: dict[str, Any] = {}
         self.bad_validations = 0
+
+    def check_metric(self, task: str, custom_step: bool) -> None:
+        """Raise a ConfigError, before training starts, when the watched metric is not one a
+        validation of ``task`` (with a ``train.step_fn`` when ``custom_step``) reports."""
+        available = watchable_metrics(task, custom_step)
+        if self.config.metric not in available:
+            source = f"a train.step_fn's validation of task {task!r}" if custom_step else f"task {task!r}"
+            raise ConfigError("train.early_stopping.metric",
+                              f"expected a metric that validation reports for {source} "
+                              f"({', '.join(available)}), got {shown(self.config.metric)}")
 
     def _improves(self, value: float) -> bool:
         if self.best_value is None:

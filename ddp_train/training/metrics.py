@@ -13,68 +13,94 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ddp_train.components.losses import LossFn
 from ddp_train.distributed.environment import DistEnv
 from ddp_train.distributed.precision import Precision
+from ddp_train.training.batches import IGNORE_INDEX, samples_in
 from ddp_train.training.loaders import to_device
+from ddp_train.training.objective import Objective
+
 
 class MetricAccumulator:
-    """Sums for the loss and the task's metrics over the batches one rank sees."""
+    """Sums for the loss and the task's metrics over the batches one rank sees.
 
-    def __init__(self, task: str, device: torch.device) -> None:
+    The loss is summed weighted by what it averages over: the batch's samples, or for a
+    language model its counted tokens (labels other than -100), so that the mean over
+    all ranks is the mean over the whole validation set, however it is split.
+    """
+
+    def __init__(self, task: str, device: torch.device, label_shift: int = 0) -> None:
         self.task = task
         self.device = device
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.samples = torch.zeros((), dtype=torch.float64, device=device)
+        self.label_shift = label_shift
+        # Σ loss × weight, Σ weight, samples; for a language model also correct and counted tokens.
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
         self.confusion: torch.Tensor | None = None  # [target, prediction] counts
         self.regression: torch.Tensor | None = None  # per output: Σy, Σy², Σ(ŷ-y)², Σ|ŷ-y|, n
 
-    def update(self, outputs: torch.Tensor, targets: torch.Tensor, batch_loss: torch.Tensor) -> None:
-        """Add one batch; ``batch_loss`` is the loss function's mean over the batch."""
-        batch = targets.shape[0]
-        self.loss_sum += batch_loss.detach().double() * batch
-        self.samples += batch
-        if self.task in ("classification", "language_model"):
-            classes = outputs.shape[-1]
-            predictions = outputs.detach().reshape(-1, classes).argmax(dim=-1)
-            pairs = targets.reshape(-1).long() * classes + predictions
+    def update(self, batch_loss: torch.Tensor, prediction: torch.Tensor | None, targets: Any,
+               samples: int) -> None:
+        """Add one batch of ``samples`` samples; ``batch_loss`` is the loss's mean over it."""
+        language_model = self.task == "language_model" and isinstance(targets, torch.Tensor)
+        if language_model:
+            targets = targets[..., self.label_shift:] if self.label_shift else targets
+            counted = targets != IGNORE_INDEX
+            weight = counted.sum().double()
+        else:
+            weight = torch.tensor(float(samples), dtype=torch.float64, device=self.device)
+        self.sums[0] += batch_loss.detach().double() * weight
+        self.sums[1] += weight
+        self.sums[2] += samples
+        if prediction is None or targets is None:
+            return  # the loss is all there is (a train.step_fn, or a model that returned only a loss)
+        prediction = prediction.detach()
+        if language_model:
+            if self.label_shift:
+                prediction = prediction[..., :-self.label_shift, :]
+            correct = (prediction.argmax(dim=-1) == targets) & counted
+            self.sums[3] += correct.sum()
+            self.sums[4] += weight
+        elif self.task == "classification":
+            classes = prediction.shape[-1]
+            predicted = prediction.reshape(-1, classes).argmax(dim=-1)
+            labels = targets.reshape(-1).long()
+            keep = labels != IGNORE_INDEX
+            pairs = labels[keep] * classes + predicted[keep]
             counts = torch.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
             self.confusion = counts if self.confusion is None else self.confusion + counts
         elif self.task == "regression":
-            y = targets.detach().double().reshape(batch, -1)
-            y_hat = outputs.detach().double().reshape(batch, -1)
+            y = targets.detach().double().reshape(samples, -1)
+            y_hat = prediction.double().reshape(samples, -1)
             stats = torch.stack([y.sum(0), (y * y).sum(0), ((y_hat - y) ** 2).sum(0),
-                                 (y_hat - y).abs().sum(0), torch.full_like(y[0], batch)])
+                                 (y_hat - y).abs().sum(0), torch.full_like(y[0], samples)])
             self.regression = stats if self.regression is None else self.regression + stats
 
     def compute(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
         """Reduce the sums over ranks with ``reduce_sum`` and return ``val/...`` metrics."""
-        parts = [self.loss_sum.reshape(1), self.samples.reshape(1)]
+        parts = [self.sums]
         extra = self.confusion if self.confusion is not None else self.regression
         if extra is not None:
             parts.append(extra.double().reshape(-1))
         # One collective for everything; float64 holds counts exactly up to 2**53.
         totals = reduce_sum(torch.cat(parts))
-        samples = totals[1].item()
-        metrics: dict[str, Any] = {"val/loss": totals[0].item() / max(samples, 1.0),
-                                   "val/samples": int(samples)}
+        loss_sum, weight, samples, correct, tokens = totals[:5].tolist()
+        metrics: dict[str, Any] = {"val/loss": loss_sum / max(weight, 1.0), "val/samples": int(samples)}
         if extra is not None:
-            rest = totals[2:].reshape(extra.shape).cpu()
+            rest = totals[5:].reshape(extra.shape).cpu()
             if self.task == "regression":
                 metrics.update(_regression_metrics(rest))
             else:
-                metrics.update(_classification_metrics(rest.long(), self.task))
+                metrics.update(_classification_metrics(rest.long()))
         if self.task == "language_model":
+            if tokens > 0:
+                metrics["val/accuracy"] = correct / tokens
             metrics["val/perplexity"] = math.exp(min(metrics["val/loss"], 700.0))
         return metrics
 
 
-def _classification_metrics(confusion: torch.Tensor, task: str) -> dict[str, Any]:
+def _classification_metrics(confusion: torch.Tensor) -> dict[str, Any]:
     total = confusion.sum().item()
     correct = confusion.diagonal().sum().item()
     metrics: dict[str, Any] = {"val/accuracy": correct / max(total, 1)}
-    if task == "language_model":
-        return metrics  # per-class scores over a vocabulary are noise, not insight
     true_pos = confusion.diagonal().double()
     predicted = confusion.sum(0).double()
     actual = confusion.sum(1).double()
@@ -105,19 +131,21 @@ def _regression_metrics(stats: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, batches: Iterable[tuple[Any, bool]], loss_fn: LossFn, task: str,
-             precision: Precision, env: DistEnv) -> dict[str, Any]:
+def evaluate(module: nn.Module, batches: Iterable[tuple[Any, bool]], objective: Objective, task: str,
+             precision: Precision, env: DistEnv, label_shift: int = 0) -> dict[str, Any]:
     """``val/...`` metrics of ``module`` over this rank's ``(batch, counts)`` pairs, reduced over
     every rank (a collective); batches with ``counts`` False are run but not counted."""
     was_training = module.training
     module.eval()
-    accumulator = MetricAccumulator(task, env.device)
+    accumulator = MetricAccumulator(task, env.device, label_shift)
+    move = env.device.type != "cpu"
     for batch, counts in batches:
-        inputs, targets = to_device(batch, env.device)
+        if move:
+            batch = to_device(batch, env.device)
         with precision.autocast():
-            outputs = module(inputs)
-            loss = loss_fn(outputs, targets)
+            result = objective(module, batch)
         if counts:
-            accumulator.update(outputs.float(), targets, loss.float())
+            prediction = result.prediction.float() if result.prediction is not None else None
+            accumulator.update(result.loss.float(), prediction, result.targets, samples_in(batch))
     module.train(was_training)
     return accumulator.compute(env.all_reduce_sum)

@@ -19,6 +19,8 @@ class TrainingProgress:
     global_step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
+    sample_offset: int = 0
+    """Samples of the current epoch trained on, over all ranks: where a resumed run continues."""
     epochs_completed: int = 0
     status: str = "running"
     last_val_step: int = -1
@@ -28,16 +30,15 @@ class TrainingProgress:
     nonfinite_skips: int = 0
     nonfinite_in_a_row: int = 0
 
-    def step_done(self, steps_per_epoch: int) -> bool:
-        """Count one optimizer step; True when it ended the epoch (the next step starts the next)."""
+    def step_done(self, global_batch: int, epoch_end: bool) -> None:
+        """Count one optimizer step over ``global_batch`` samples; ``epoch_end``: it was the epoch's last."""
         self.global_step += 1
         self.step_in_epoch += 1
-        if self.step_in_epoch < steps_per_epoch:
-            return False
-        self.epochs_completed += 1
-        self.epoch += 1
-        self.step_in_epoch = 0
-        return True
+        self.sample_offset += global_batch
+        if epoch_end:
+            self.epochs_completed += 1
+            self.epoch += 1
+            self.step_in_epoch = self.sample_offset = 0
 
     def summary(self, status: str, world_size: int, best: dict[str, Any]) -> dict[str, Any]:
         """``summary.json``: how the run ended (``status``), where, its last and ``best`` validation."""
@@ -120,3 +121,33 @@ class RunningLoss:
         """Restore what :meth:`state_dict` saved."""
         self.sums.copy_(state["loss_sums"])
         self.micro_batches = list(state["micro_since"])
+
+
+class RunningExtras:
+    """The values a ``train.step_fn`` returns besides its loss, summed since the last log step.
+
+    Read as ``train/<name>`` means over every micro-batch of every rank. Logging only: a
+    restart starts the window afresh.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.micro_batches = 0
+
+    def add(self, values: dict[str, Any]) -> None:
+        """Add one micro-batch's values."""
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+        self.micro_batches += 1
+
+    def read(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+             ) -> dict[str, float]:
+        """The means since the last read over all ranks (a collective when there are any), then reset."""
+        if not self.sums:
+            return {}  # no step_fn values: every rank alike (one function on the same data)
+        names = sorted(self.sums)
+        local = torch.tensor([self.sums[name] for name in names] + [float(self.micro_batches)],
+                             dtype=torch.float64, device=device)
+        totals = reduce_sum(local).tolist()
+        self.sums, self.micro_batches = {}, 0
+        return {f"train/{name}": total / max(totals[-1], 1.0) for name, total in zip(names, totals)}

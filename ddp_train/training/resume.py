@@ -24,7 +24,9 @@ def find_resume_state(store: CheckpointStore, mode: str, env: DistEnv) -> tuple[
 
     Rank 0 chooses (``auto``: the newest complete checkpoint; ``never``: none, and the old
     ones are removed; else the path given) so that every rank resumes from the same
-    checkpoint; the other ranks then read it themselves.
+    checkpoint; the other ranks then read it themselves. The run's checkpoints newer than
+    the chosen one are moved aside (:meth:`CheckpointStore.set_aside_newer`), so that the
+    next ``auto`` resume continues this run, not them.
     """
     found: tuple[dict[str, Any], Path] | None = None
     error: tuple[str, str] | None = None
@@ -35,8 +37,13 @@ def find_resume_state(store: CheckpointStore, mode: str, env: DistEnv) -> tuple[
                 store.remove_all()
             elif mode == "auto":
                 found = store.load_newest()
+                if found is not None:
+                    store.set_aside_newer(found[0]["progress"]["global_step"], "they could not be loaded")
             else:
                 found = store.load_path(Path(mode))
+                step = found[0]["progress"]["global_step"]
+                store.set_aside_newer(step, f"the branch abandoned by resuming from step {step} of "
+                                            f"{found[1]}")
         except ConfigError as exc:
             error = (exc.key, exc.message)
     path, error = env.broadcast_from_main((str(found[1]) if found else None, error))

@@ -36,9 +36,11 @@ from ddp_train.observability.train_metrics import TrainMetrics, tokens_per_sampl
 from ddp_train.training.callbacks import CallbackList, StepResult
 from ddp_train.training.early_stopping import EarlyStopping
 from ddp_train.training.health import NonfiniteGuard
-from ddp_train.training.loaders import build_loaders, epoch_batches, to_device
+from ddp_train.training.batches import label_shift
+from ddp_train.training.loaders import build_loaders, step_groups, to_device
 from ddp_train.training.metrics import evaluate
-from ddp_train.training.progress import RunningLoss, TrainingProgress
+from ddp_train.training.objective import Objective, token_weights
+from ddp_train.training.progress import RunningExtras, RunningLoss, TrainingProgress
 from ddp_train.training.resume import find_resume_state, warn_config_changes
 from ddp_train.training.rng import capture_rng, configure_determinism, restore_rng, seed_everything
 from ddp_train.version import __version__
@@ -69,20 +71,28 @@ class Trainer:
         if config.logging.tensorboard:  # before any rank waits on another
             require_tensorboard()
         self.env = setup_environment(config)
+        self.run_dir = RunDirectory(config.run_dir)
         try:
             self._build(builder, sinks, callbacks)
         except BaseException:
+            self.run_dir.unlock()
             self.env.close(barrier=False)
             raise
 
     def _build(self, builder: PartsBuilder, sinks: Sequence[MetricSink], callbacks: Sequence[Any]) -> None:
         config, env = self.config, self.env
+        # One run at a time in a run directory: locked before anything in it is read or
+        # written (resume, metrics); a busy one stops every rank before the parts are built.
+        self.run_dir.lock(env)
         configure_determinism(config.run.deterministic)
         # Same seed on every rank: identical data sets and initial weights everywhere.
         seed_everything(config.run.seed)
         parts = builder.build()
         self.train_dataset, self.val_dataset = parts.train_dataset, parts.val_dataset
         self.loss_fn, self.task = parts.loss_fn, parts.task
+        self.objective = Objective(parts.loss_fn, parts.step_fn, config.data.target_key)
+        # A Hugging Face causal LM predicts token t+1 at position t: counts and accuracy shift too.
+        self.label_shift = label_shift(parts.model)
         apply_init(parts.model, config.model.init)
         apply_norm(parts.model, config.model.norm)
 
@@ -96,15 +106,20 @@ class Trainer:
         seed_everything(config.run.seed + env.rank)
 
         # Every micro-batch full, the same global order at every world size.
-        loaders = build_loaders(self.train_dataset, self.val_dataset, config, env)
-        self.train_loader, self.val_loader = loaders.train, loaders.val
+        loaders = build_loaders(self.train_dataset, self.val_dataset, config, env, parts.collate)
+        self.train_data, self.val_loader = loaders.train, loaders.val
         self.steps_per_epoch, self.total_steps = loaders.steps_per_epoch, loaders.total_steps
+        self._last_of_epoch = False  # set by step_batches for the step it hands out
+        # Padding makes a language model's token counts differ between micro-batches: weight them.
+        self._token_weighted = (self.task == "language_model" and parts.step_fn is None
+                                and env.world_size * config.train.grad_accum_steps > 1)
         # The loaders collate on the CPU: a CPU run's batches are already where they are
         # needed, and skipping the move takes a few calls out of every step.
         self._move_batches = env.device.type != "cpu"
         self.optimizer = build_optimizer(self.module.parameters(), config.optim)
         self.scheduler = build_schedule(self.optimizer, config.schedule, self.total_steps)
         self.early_stopping = EarlyStopping(config.train.early_stopping)
+        self.early_stopping.check_metric(self.task, custom_step=parts.step_fn is not None)
         if config.train.early_stopping.enabled and self.val_loader is None:
             raise ConfigError("train.early_stopping.enabled", "expected a validation set to "
                                                               "watch, but the data has none")
@@ -113,7 +128,7 @@ class Trainer:
         # What must survive a restart: these objects' state dicts; then resume, then the outputs.
         self.progress = TrainingProgress()
         self.running_loss = RunningLoss(env.device)
-        self.run_dir = RunDirectory(config.run_dir)
+        self.running_extras = RunningExtras()
         self.checkpoints = self.strategy.checkpoint_store(self.run_dir.checkpoints_path, config.checkpoint)
         resumed = self._resume()
         self.sinks: list[MetricSink] = list(sinks)
@@ -161,7 +176,6 @@ class Trainer:
                 "precision": self.precision.state_dict(),
                 "early_stopping": self.early_stopping.state_dict(),
                 "progress": self.progress.state_dict(),
-                "sampler": self.train_loader.sampler.state_dict(),  # type: ignore[union-attr]
                 "ranks": ranks, "world_size": self.env.world_size,
                 "config": config_to_dict(self.config)}
 
@@ -174,7 +188,12 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state["precision"])
         self.early_stopping.load_state_dict(state["early_stopping"])
-        self.progress.load_state_dict(state["progress"])
+        progress = dict(state["progress"])
+        if "sample_offset" not in progress:  # saved before offsets were: at the saved global batch
+            data, loop = state["config"]["data"], state["config"]["train"]
+            progress["sample_offset"] = (progress["step_in_epoch"] * len(state["ranks"]) *
+                                         data["batch_size"] * loop["grad_accum_steps"])
+        self.progress.load_state_dict(progress)
         ranks = state["ranks"]
         if len(ranks) == self.env.world_size:
             mine = ranks[self.env.rank]
@@ -201,8 +220,13 @@ class Trainer:
                                                    f"({first_line(exc)}); start over with "
                                                    f"checkpoint.resume=never or choose another "
                                                    f"run.name") from None
-        if self.progress.status == "completed" and self.progress.global_step < self.total_steps:
-            self.progress.status = "running"  # the config now asks for more steps
+        progress, loop = self.progress, self.config.train
+        # From where the checkpoint stands: another global batch changes the epoch's remaining steps.
+        self.total_steps = self.train_data.total_steps(
+            loop.epochs, loop.max_steps, progress.global_step, progress.epoch, progress.sample_offset,
+            progress.step_in_epoch) or self.total_steps
+        if progress.status == "completed" and not self._finished():
+            progress.status = "running"  # the config now asks for more steps
         log.info("resuming from %s at step %d (epoch %d, step %d of it)", path,
                  self.progress.global_step, self.progress.epoch, self.progress.step_in_epoch)
         return True
@@ -218,9 +242,11 @@ class Trainer:
         """
         started, previous_wall_time = time.perf_counter(), self.progress.wall_time_s
         status = "failed"
-        # The handlers stay installed until summary.json is written: a signal that comes
-        # after the last step (while model.pt is written) must not kill the process with
-        # neither file on disk; the run then simply completes.
+        failure: BaseException | None = None
+        # The handlers stay installed until summary.json is written (under the command line,
+        # until the process exits): a signal that comes after the last step (while model.pt
+        # is written) must not kill the process with neither file on disk; the run then
+        # simply completes.
         with PreemptionWatch(self.env, self.config.dist.preemption_sync_s) as preemption:
             try:
                 self.callbacks.call("on_fit_start", self)
@@ -235,20 +261,61 @@ class Trainer:
                     model = self.strategy.final_model_state(self.module)  # a collective
                     if self.env.is_main:
                         self.run_dir.write_model(model)
+            except BaseException as exc:
+                failure = exc
+                raise
             finally:
-                if self.env.is_main:
-                    self.checkpoints.wait()
-                self.progress.wall_time_s = previous_wall_time + time.perf_counter() - started
-                summary = self.progress.summary(status, self.env.world_size, self.early_stopping.best())
-                if self.env.is_main:
-                    self.run_dir.write_summary(summary)
-                self.callbacks.call("on_fit_end", self, summary)
+                summary = self._end_fit("failed" if failure else status, started, previous_wall_time,
+                                        failure)
         return summary
+
+    def _end_fit(self, status: str, started: float, previous_wall_time: float,
+                 failure: BaseException | None) -> dict[str, Any]:
+        """The end of :meth:`fit`, however training ended: the last save, summary.json, on_fit_end.
+
+        After a ``failure`` an error here is logged, never raised: the failure is what the
+        user must see, not that its summary could not be written. After a success the first
+        such error fails the run (status ``failed``, exit 1).
+        """
+        late: list[tuple[str, Exception]] = []
+        if self.env.is_main:
+            # A save that failed (a full disk) leaves a temporary behind: removed now, not at
+            # the next start, which may never come.
+            for what, action in (("the last checkpoint save", self.checkpoints.wait),
+                                 ("removing temporary files", self.checkpoints.remove_stale_temporaries)):
+                try:
+                    action()
+                except Exception as exc:
+                    late.append((what, exc))
+        self.progress.wall_time_s = previous_wall_time + time.perf_counter() - started
+        summary = self.progress.summary("failed" if late else status, self.env.world_size,
+                                        self.early_stopping.best())
+        if self.env.is_main:
+            try:
+                self.run_dir.write_summary(summary)
+            except Exception as exc:
+                late.append(("writing summary.json", exc))
+        try:
+            self.callbacks.call("on_fit_end", self, summary)
+        except Exception as exc:
+            if failure is None and not late:
+                raise  # a bug in a callback: its traceback is what helps
+            late.append(("a callback's on_fit_end", exc))
+        if failure is not None or not late:
+            for what, error in late:
+                log.error("after training failed, %s failed too: %s", what, first_line(error))
+            return summary
+        (what, error), *others = late
+        for other, other_error in others:
+            log.error("%s failed too: %s", other, first_line(other_error))
+        if isinstance(error, TrainingFailed):
+            raise error
+        raise TrainingFailed(f"{what} failed: {first_line(error)}", shared=False) from error
 
     def _train(self, preemption: PreemptionWatch, started: float, previous_wall_time: float) -> str:
         """Optimizer steps until training ends; returns how it ended (the summary's status)."""
         config, progress = self.config, self.progress
-        if progress.status != "running" or progress.global_step >= self.total_steps:
+        if progress.status != "running" or self._finished():
             return progress.status if progress.status != "running" else "completed"
         log_every, val_every = config.logging.every_steps, config.eval.every_steps
         global_batch = self.env.world_size * config.data.batch_size * config.train.grad_accum_steps
@@ -265,7 +332,7 @@ class Trainer:
                 self._log(self._train_record(result, samples_per_s))
                 window_start, window_steps = time.perf_counter(), 0  # logging is not step time
 
-            done = progress.global_step >= self.total_steps
+            done = self._finished()
             validated = stop = False
             if result.epoch_end or done or (val_every and progress.global_step % val_every == 0):
                 stop, validated = self._validate(result.epoch), True
@@ -285,6 +352,11 @@ class Trainer:
             if status != "running":
                 return status
 
+    def _finished(self) -> bool:
+        """Whether the run has trained all it should (train.max_steps, train.epochs)."""
+        return (self.progress.global_step >= self.total_steps
+                or self.progress.epochs_completed >= self.config.train.epochs)
+
     def step_batches(self) -> Iterator[list[Any]]:
         """The micro-batches of each next optimizer step in training order, endlessly.
 
@@ -292,16 +364,18 @@ class Trainer:
         and a resumed run from the sample it stopped at. Hand each step's list to
         :meth:`train_step` before asking for the next.
         """
-        config, accum = self.config, self.config.train.grad_accum_steps
+        config, data, progress = self.config, self.train_data, self.progress
         while True:
-            epoch, first = self.progress.epoch, self.progress.step_in_epoch
-            batches = epoch_batches(self.train_loader, config.run.seed, self.env.rank, epoch,
-                                    first * accum * config.data.batch_size)
-            for step in range(first, self.steps_per_epoch):
-                micro_batches = [next(batches) for _ in range(accum)]
-                if step == self.steps_per_epoch - 1:
-                    del batches  # ends the epoch's iterator (and its worker processes) now
+            batches = data.epoch(config.run.seed, self.env.rank, progress.epoch, progress.sample_offset)
+            steps = data.steps_from(progress.sample_offset, progress.step_in_epoch)
+            groups = step_groups(batches, config.train.grad_accum_steps, steps, self.env.any_rank)
+            del batches  # step_groups holds the epoch's iterator (and its workers) until it ends
+            last = False
+            for micro_batches, last in groups:
+                self._last_of_epoch = last
                 yield micro_batches
+            if not last:  # a stream that ran out before a single step
+                raise TrainingFailed(f"the training data yielded no full step in epoch {progress.epoch}")
 
     def train_step(self, micro_batches: Sequence[Any]) -> StepResult:
         """One optimizer step over ``train.grad_accum_steps`` micro-batches; advances :attr:`progress`.
@@ -318,18 +392,26 @@ class Trainer:
         progress, strategy, precision, metrics = self.progress, self.strategy, self.precision, self.metrics
         if metrics.diagnostics:  # gathered on the steps that are logged
             metrics.capture((progress.global_step + 1) % self.config.logging.every_steps == 0)
+        weights = (token_weights(micro_batches, self.config.data.target_key, self.label_shift,
+                                 self.env.world_size, self.env.all_reduce_sum, self.env.device)
+                   if self._token_weighted else None)
         micro_losses = []
         for index, batch in enumerate(micro_batches):
-            inputs, targets = to_device(batch, self.env.device) if self._move_batches else batch
+            if self._move_batches:
+                batch = to_device(batch, self.env.device)
             with strategy.gradient_sync(index == accum - 1):
                 with precision.autocast():
-                    loss = self.loss_fn(self.model(inputs), targets)
-                # The mean over micro-batches; no extra autograd node when there is one.
-                precision.backward(loss / accum if accum > 1 else loss)
+                    result = self.objective(self.model, batch)
+                loss = result.loss
+                # The mean over micro-batches (or their tokens); no extra autograd node for one.
+                precision.backward(loss * weights[index] if weights is not None
+                                   else loss / accum if accum > 1 else loss)
             micro_losses.append(loss.detach())
+            if result.extras:
+                self.running_extras.add(result.extras)
         step_loss = micro_losses[0] if accum == 1 else torch.stack(micro_losses).double().sum()
         if metrics.tokens_per_sample is None:
-            metrics.tokens_per_sample = tokens_per_sample(inputs, self.task)
+            metrics.tokens_per_sample = tokens_per_sample(batch, self.task)
         precision.unscale_(self.optimizer)
         grads = strategy.gradients()
         grad_norm = strategy.grad_norm(grads)
@@ -345,8 +427,9 @@ class Trainer:
             precision.scaler.update()  # forget this step's unscaling
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        epoch = progress.epoch
-        epoch_end = progress.step_done(self.steps_per_epoch)
+        epoch, epoch_end = progress.epoch, self._last_of_epoch
+        progress.step_done(self.train_data.global_batch, epoch_end)
+        self._last_of_epoch = False
         return StepResult(step_loss / accum if accum > 1 else step_loss, grad_norm, lr,
                           not finite, epoch, epoch_end)
 
@@ -396,8 +479,8 @@ class Trainer:
         """
         if self.val_loader is None:
             return {}
-        return evaluate(self.module, self.strategy.validation_batches(self.val_loader), self.loss_fn,
-                        self.task, self.precision, self.env)
+        return evaluate(self.module, self.strategy.validation_batches(self.val_loader), self.objective,
+                        self.task, self.precision, self.env, self.label_shift)
 
     # -----------------------------------------------------------------------------------
     # Outputs.
@@ -412,6 +495,7 @@ class Trainer:
         grad_norm = result.grad_norm.item()
         record.update({"train/lr": result.lr, "train/grad_norm": grad_norm})
         self.metrics.add_throughput(record, samples_per_s)
+        record.update(self.running_extras.read(self.env.all_reduce_sum, self.env.device))
         if self.config.train.nonfinite == "skip":
             record["train/nonfinite_skips"] = progress.nonfinite_skips
         self.metrics.add_diagnostics(record, grad_norm)
@@ -433,6 +517,7 @@ class Trainer:
             sink.close()
         self.sinks = []
         self.metrics.close()
+        self.run_dir.unlock()  # every file of the run is written: the directory is free
         # Release what holds the process group now, while everything is alive.
         self.strategy.release()
         self.model = self.module
@@ -465,5 +550,5 @@ def describe(trainer: Trainer) -> str:
     return (f"{config.model.name} ({trainer.metrics.num_params / 1e6:.3g}M parameters) on {config.data.name} | "
             f"world size {trainer.env.world_size} on {trainer.env.device} ({trainer.strategy.name}) | "
             f"global batch {trainer.env.world_size * config.data.batch_size * config.train.grad_accum_steps} | "
-            f"{trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch) | "
+            f"{trainer.total_steps} steps ({trainer.steps_per_epoch or 'a pass over the stream'}/epoch) | "
             f"precision {config.train.precision} | run dir {config.run_dir}")

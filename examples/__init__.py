@@ -1,0 +1,1 @@
+"""Runnable examples: configs and the factories they name (``examples.<example>.<module>:<fn>``)."""

@@ -1,0 +1,1 @@
+"""A Hugging Face BERT sequence classifier on a local JSON Lines file read with ``datasets``."""

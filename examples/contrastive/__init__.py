@@ -1,0 +1,1 @@
+"""A custom ``train.step_fn``: an InfoNCE loss over two augmented views of each sample."""

@@ -1,0 +1,1 @@
+"""The built-in CNN on a folder of PNG files, read with Pillow and augmented per sample in DataLoader workers."""
