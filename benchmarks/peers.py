@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import sys
@@ -48,7 +49,7 @@ import torch.distributed as dist
 
 from common import (CpuWatch, init_process_group, machine_info, median, paired_bootstrap,
                     shuffled_rounds, spawn_ranks, summarize, utc_now, wait_for_quiet)
-from peer_loops import (BATCH_SIZE, BLOCK_SIZE, CONTENDERS, LR, Setup, ForwardClock, build_model,
+from peer_loops import (BATCH_SIZE, BLOCK_SIZE, CONTENDERS, LR, ForwardClock, Setup, build_model,
                         held_out_loss, train_sequences)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,6 +63,13 @@ PLANS: dict[str, dict[str, int]] = {
 }
 """Replicas, timed steps per run and warm-up steps dropped before them."""
 RUN_TIMEOUT_S = 600
+CLOCKS = {"wall": "step_s", "cpu": "cpu_s"}
+"""The two clocks of every step (keys of a run): wall time from one forward start to the next
+(the step time), and the CPU time rank 0 used meanwhile, all its threads together (the
+framework's own work, which other load on a shared machine delays but does not add to)."""
+QUIET_CORES = 0.25
+"""A replica starts once other processes and the host's other guests take fewer cores than
+this (or a wait of ``max_wait_s`` has passed)."""
 
 
 def available(names: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -99,86 +107,104 @@ def _rank_main(rank: int, world_size: int, name: str, steps: int, warmup: int) -
         started = time.perf_counter()
         settings = CONTENDERS[name].train(Setup(model, dataset, forwards, rank, world_size, work_dir))
         wall_s = time.perf_counter() - started
-    marks = clock.remove()
-    if len(marks) != forwards:
-        raise RuntimeError(f"{name}: expected {forwards} forwards, the clock counted {len(marks)}")
+    wall, cpu = clock.remove()
+    if len(wall) != forwards:
+        raise RuntimeError(f"{name}: expected {forwards} forwards, the clock counted {len(wall)}")
     loss_after = held_out_loss(model)
     if dist.is_initialized():  # some frameworks take the group down themselves
         dist.barrier()
         dist.destroy_process_group()
-    intervals = [b - a for a, b in zip(marks, marks[1:])]
-    return {"intervals_s": intervals[warmup:], "warmup_s": intervals[:warmup], "wall_s": wall_s,
-            "loss_before": loss_before, "loss_after": loss_after, "settings": settings}
+    steps_s = [b - a for a, b in itertools.pairwise(wall)]
+    cpu_s = [b - a for a, b in itertools.pairwise(cpu)]
+    return {"step_s": steps_s[warmup:], "cpu_s": cpu_s[warmup:], "warmup_step_s": steps_s[:warmup],
+            "wall_s": wall_s, "loss_before": loss_before, "loss_after": loss_after,
+            "settings": settings}
 
 
-def measure(names: list[str], orders: list[list[str]], steps: int, warmup: int
-            ) -> dict[str, list[dict[str, Any]]]:
-    """Every contender once per replica, in that replica's order; rank 0's runs by contender."""
+def measure(names: list[str], orders: list[list[str]], steps: int, warmup: int, max_wait_s: float
+            ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Every contender once per replica, in that replica's order: rank 0's runs by contender,
+    and how quiet the machine was before each replica (it waits up to ``max_wait_s`` for
+    other processes to take less than :data:`QUIET_CORES`)."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     replicas = len(orders)
+    waits = []
     for replica, order in enumerate(orders):
+        waits.append(wait_for_quiet(None, QUIET_CORES, max_wait_s))
         for name in order:
             with CpuWatch() as watch:
                 result = spawn_ranks(_rank_main, 2, name, steps, warmup, timeout=RUN_TIMEOUT_S)[0]
             result.update({"replica": replica, "conditions": watch.result})
             runs[name].append(result)
             print(f"  replica {replica + 1}/{replicas} {name:<11} median step "
-                  f"{median(result['intervals_s']) * 1e3:7.2f} ms   (others took "
+                  f"{median(result['step_s']) * 1e3:7.2f} ms, CPU {median(result['cpu_s']) * 1e3:7.2f} ms "
+                  f"(others took "
                   f"{watch.result['others_cores']:.2f} cores)", flush=True)
-    return runs
+    return runs, waits
 
 
 def _ratio(a: list[float], b: list[float]) -> float:
     return median(a) / median(b)
 
 
-def analyse(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Medians, ratios to the hand loop (and ddp_train's to every peer), 95% intervals."""
-    rounds = {name: [run["intervals_s"] for run in name_runs] for name, name_runs in runs.items()}
+def compare(runs: dict[str, list[dict[str, Any]]], key: str) -> dict[str, Any]:
+    """One clock's numbers (``key``: ``step_s`` or ``cpu_s`` of every run): per contender the
+    median and quartiles, its median per replica and its ratio to the hand loop (pooled medians,
+    95% interval from resampling replicas, and per replica); ddp_train's ratio to each peer."""
+    rounds = {name: [run[key] for run in name_runs] for name, name_runs in runs.items()}
     pooled = {name: [x for block in blocks for x in block] for name, blocks in rounds.items()}
-    contenders: dict[str, Any] = {}
-    for name, blocks in rounds.items():
-        entry: dict[str, Any] = {
-            "description": CONTENDERS[name].description, "step_s": summarize(pooled[name]),
-            "median_per_replica_s": [median(block) for block in blocks],
-            "loss_before": median([run["loss_before"] for run in runs[name]]),
-            "loss_after": median([run["loss_after"] for run in runs[name]]),
-            "others_cores": median([run["conditions"]["others_cores"] for run in runs[name]]),
-            "settings": runs[name][0]["settings"]}
-        if BASELINE in rounds:
-            entry["ratio_to_hand"] = _ratio(pooled[name], pooled[BASELINE])
-            entry["ratio_to_hand_ci95"] = list(paired_bootstrap(blocks, rounds[BASELINE], _ratio))
-            entry["ratio_to_hand_per_replica"] = [_ratio(a, b) for a, b in zip(blocks, rounds[BASELINE])]
-        contenders[name] = entry
-    results: dict[str, Any] = {"contenders": contenders}
-    if OURS in rounds and BASELINE in rounds:
-        low, high = contenders[OURS]["ratio_to_hand_ci95"]
-        ratio = contenders[OURS]["ratio_to_hand"]
-        results["goal"] = {"ratio_to_hand_at_most": GOAL, "met": ratio <= GOAL,
-                           "confirmed": high <= GOAL, "refuted": low > GOAL}
-    if OURS in rounds:
-        results["ours_over_peer"] = {
-            peer: {"ratio": _ratio(pooled[OURS], pooled[peer]),
-                   "ci95": list(paired_bootstrap(rounds[OURS], rounds[peer], _ratio))}
-            for peer in rounds if peer not in (OURS, BASELINE, "hand_twin")}
+    contenders = {name: {
+        "summary_s": summarize(pooled[name]),
+        "median_per_replica_s": [median(block) for block in blocks],
+        "ratio_to_hand": _ratio(pooled[name], pooled[BASELINE]),
+        "ratio_to_hand_ci95": list(paired_bootstrap(blocks, rounds[BASELINE], _ratio)),
+        "ratio_to_hand_per_replica": [_ratio(a, b) for a, b in zip(blocks, rounds[BASELINE])]}
+        for name, blocks in rounds.items()}
+    ours_over_peer = {
+        peer: {"ratio": _ratio(pooled[OURS], pooled[peer]),
+               "ci95": list(paired_bootstrap(rounds[OURS], rounds[peer], _ratio))}
+        for peer in rounds if OURS in rounds and peer not in (OURS, BASELINE, "hand_twin")}
+    return {"contenders": contenders, "ours_over_peer": ours_over_peer}
+
+
+def analyse(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Both clocks compared (:data:`CLOCKS`), what every contender trained to, and the goal."""
+    results: dict[str, Any] = {clock: compare(runs, key) for clock, key in CLOCKS.items()}
+    results["contenders"] = {name: {
+        "description": CONTENDERS[name].description,
+        "loss_before": median([run["loss_before"] for run in name_runs]),
+        "loss_after": median([run["loss_after"] for run in name_runs]),
+        "others_cores": median([run["conditions"]["others_cores"] for run in name_runs]),
+        "settings": name_runs[0]["settings"]} for name, name_runs in runs.items()}
+    if OURS in runs:
+        results["goal"] = {"ratio_to_hand_at_most": GOAL}
+        for clock in CLOCKS:
+            ours = results[clock]["contenders"][OURS]
+            low, high = ours["ratio_to_hand_ci95"]
+            results["goal"][clock] = {"met": ours["ratio_to_hand"] <= GOAL, "confirmed": high <= GOAL,
+                                      "refuted": low > GOAL}
     return results
 
 
-def run(replicas: int, steps: int, warmup: int, names: list[str] | None = None) -> dict[str, Any]:
-    """Measure and analyse; what ``peers.json`` holds (``run.py``'s ``peers`` section too)."""
-    runnable, skipped = available(names or list(CONTENDERS))
-    if BASELINE not in runnable or _find_spec("transformers") is None:
-        return {"status": "not run: needs transformers (pip install 'ddp_train[peers]')",
-                "skipped": skipped}
+def run(replicas: int, steps: int, warmup: int, names: list[str] | None = None,
+        max_wait_s: float = 120) -> dict[str, Any]:
+    """Measure and analyse; what ``peers.json`` holds (``run.py``'s ``peers`` section too).
+
+    ``names``: the contenders to run (default all; the hand loop always runs)."""
+    if _find_spec("transformers") is None:  # the model itself
+        return {"status": "not run: needs transformers (pip install 'ddp_train[peers]')"}
+    wanted = list(names or CONTENDERS)
+    runnable, skipped = available(wanted if BASELINE in wanted else [BASELINE, *wanted])
     for name, reason in skipped.items():
         print(f"  skipping {name}: {reason}", flush=True)
     started = time.monotonic()
     orders = shuffled_rounds(runnable, replicas)
-    runs = measure(runnable, orders, steps, warmup)
+    runs, waits = measure(runnable, orders, steps, warmup, max_wait_s)
     return {"benchmark": "peers", "workload": workload(), "replicas": replicas,
             "timed_steps_per_run": steps, "warmup_steps_per_run": warmup, "skipped": skipped,
-            "orders": orders, "runtime_s": round(time.monotonic() - started, 1), **analyse(runs),
-            "runs": runs}
+            "orders": orders, "quiet_before_replica": waits,
+            "waited_s": round(sum(wait["waited_s"] for wait in waits), 1),
+            "runtime_s": round(time.monotonic() - started, 1), **analyse(runs), "runs": runs}
 
 
 def workload() -> dict[str, Any]:
@@ -193,62 +219,74 @@ def workload() -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The README table: median step and ratio to the hand loop per contender."""
-    lines = ["| contender | median step, ms (p25 to p75) | ratio to the hand loop (95% CI) "
-             "| per replica | held-out loss before → after |", "|---|---|---|---|---|"]
+    """The README table: per contender the median step (wall and CPU) and its ratio to the
+    hand loop's, and the held-out loss it trained to; then ddp_train against each peer."""
+    wall, cpu = results["wall"]["contenders"], results["cpu"]["contenders"]
+    lines = ["| contender | median step, ms (p25 to p75) | ratio to the hand loop (95% CI) | "
+             "CPU ms per step | CPU ratio to the hand loop (95% CI) | held-out loss, before → after |",
+             "|---|---|---|---|---|---|"]
     for name, entry in results["contenders"].items():
-        step = entry["step_s"]
-        low, high = entry["ratio_to_hand_ci95"]
+        step = wall[name]["summary_s"]
         lines.append(f"| `{name}` | {step['median'] * 1e3:.1f} ({step['p25'] * 1e3:.1f} to "
-                     f"{step['p75'] * 1e3:.1f}) | {entry['ratio_to_hand']:.3f} ({low:.3f} to "
-                     f"{high:.3f}) | " + ", ".join(f"{r:.3f}" for r in entry["ratio_to_hand_per_replica"])
-                     + f" | {entry['loss_before']:.2f} → {entry['loss_after']:.2f} |")
+                     f"{step['p75'] * 1e3:.1f}) | {_with_interval(wall[name])} | "
+                     f"{cpu[name]['summary_s']['median'] * 1e3:.1f} | {_with_interval(cpu[name])} | "
+                     f"{entry['loss_before']:.2f} → {entry['loss_after']:.2f} |")
     for name, reason in results["skipped"].items():
-        lines.append(f"| `{name}` | skipped: {reason} | | | |")
-    if "ours_over_peer" in results:
-        lines += ["", "ddp_train over each peer (95% CI): " + "; ".join(
-            f"{peer} {value['ratio']:.3f} ({value['ci95'][0]:.3f} to {value['ci95'][1]:.3f})"
-            for peer, value in results["ours_over_peer"].items()) + "."]
+        lines.append(f"| `{name}` | skipped: {reason} | | | | |")
+    peers = results["wall"]["ours_over_peer"]
+    if peers:
+        lines += ["", "ddp_train's step over each peer's, wall (CPU), 95% CI: " + "; ".join(
+            f"{peer} {_with_interval(value)} ({_with_interval(results['cpu']['ours_over_peer'][peer])})"
+            for peer, value in peers.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
+def _with_interval(entry: dict[str, Any]) -> str:
+    """``ratio (low to high)`` of a ratio entry (``ratio_to_hand`` or ``ratio``, and its ``ci95``)."""
+    ratio = entry.get("ratio_to_hand", entry.get("ratio"))
+    low, high = entry.get("ratio_to_hand_ci95", entry.get("ci95"))
+    return f"{ratio:.3f} ({low:.3f} to {high:.3f})"
+
+
 def plot(results: dict[str, Any], path: Path) -> Path:
-    """Two panels: median step per contender (p25 to p75, replica medians as dots), and the
-    ratio to the hand loop with its 95% interval against the goal."""
+    """Two panels: the median step per contender (whiskers p25 to p75, dots the replicas'
+    medians), and its ratio to the hand loop's, wall and CPU, with 95% intervals and the goal."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    entries = results["contenders"]
-    names = list(entries)[::-1]
-    y = range(len(names))
+    names = list(results["contenders"])[::-1]
+    y = list(range(len(names)))
+    wall = results["wall"]["contenders"]
     colors = ["#1f77b4" if name == OURS else "#7f7f7f" if name.startswith("hand") else "#ff7f0e"
               for name in names]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.6 * len(names) + 2.6), dpi=110)
-    medians = [entries[n]["step_s"]["median"] * 1e3 for n in names]
-    spread = [[m - entries[n]["step_s"]["p25"] * 1e3 for m, n in zip(medians, names)],
-              [entries[n]["step_s"]["p75"] * 1e3 - m for m, n in zip(medians, names)]]
+    medians = [wall[n]["summary_s"]["median"] * 1e3 for n in names]
+    spread = [[m - wall[n]["summary_s"]["p25"] * 1e3 for m, n in zip(medians, names)],
+              [wall[n]["summary_s"]["p75"] * 1e3 - m for m, n in zip(medians, names)]]
     left.barh(y, medians, xerr=spread, capsize=4, color=colors, edgecolor="black", linewidth=0.5)
     for index, name in enumerate(names):
-        left.scatter([m * 1e3 for m in entries[name]["median_per_replica_s"]],
-                     [index] * len(entries[name]["median_per_replica_s"]), color="black", s=10, zorder=3)
-    left.set_yticks(list(y), names)
-    left.set_xlabel("ms per optimizer step (bar: median, whiskers p25-p75, dots: per replica)")
-    ratios = [entries[n]["ratio_to_hand"] for n in names]
-    errors = [[r - entries[n]["ratio_to_hand_ci95"][0] for r, n in zip(ratios, names)],
-              [entries[n]["ratio_to_hand_ci95"][1] - r for r, n in zip(ratios, names)]]
-    right.errorbar(ratios, list(y), xerr=[[max(e, 0) for e in errors[0]], [max(e, 0) for e in errors[1]]],
-                   fmt="o", color="black", capsize=4)
+        replica_ms = [m * 1e3 for m in wall[name]["median_per_replica_s"]]
+        left.scatter(replica_ms, [index] * len(replica_ms), color="black", s=10, zorder=3)
+    left.set_yticks(y, names)
+    left.set_xlabel("ms per optimizer step, wall (bar: median; whiskers: p25-p75; dots: replicas)")
+    for clock, offset, marker in (("wall", 0.12, "o"), ("cpu", -0.12, "s")):
+        entries = results[clock]["contenders"]
+        ratios = [entries[n]["ratio_to_hand"] for n in names]
+        low = [max(r - entries[n]["ratio_to_hand_ci95"][0], 0) for r, n in zip(ratios, names)]
+        high = [max(entries[n]["ratio_to_hand_ci95"][1] - r, 0) for r, n in zip(ratios, names)]
+        right.errorbar(ratios, [i + offset for i in y], xerr=[low, high], fmt=marker, capsize=4,
+                       color="black" if clock == "wall" else "#2ca02c",
+                       label=f"{clock} time (95% interval, replicas resampled)")
     right.axvline(1.0, color="gray", linewidth=0.8)
     right.axvline(GOAL, color="#d62728", linestyle="--", linewidth=0.8, label=f"goal ≤ {GOAL}")
-    right.set_yticks(list(y), names)
-    right.set_xlabel("step time / the hand loop's (95% interval, resampling replicas)")
+    right.set_yticks(y, names)
+    right.set_xlabel("step time / the hand-written loop's")
     right.legend(fontsize=8)
     for ax in (left, right):
         ax.grid(axis="x", alpha=0.3)
-    work = results["workload"]
-    machine = results["machine"]
+    work, machine = results["workload"], results["machine"]
     fig.suptitle(f"{work['model']}, {work['parameters']:,} parameters, {work['batch_per_rank']} × "
                  f"{work['sequence_length']} tokens per rank, {work['world_size']} gloo ranks, fp32; "
                  f"{results['replicas']} replicas × {results['timed_steps_per_run']} steps", fontsize=10)
@@ -268,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"{PLANS['quick']['replicas']} replicas of {PLANS['quick']['steps']} steps")
     parser.add_argument("--replicas", type=int, help="replicas (default 6, --quick 2)")
     parser.add_argument("--steps", type=int, help="timed steps per run (default 100, --quick 30)")
-    parser.add_argument("--only", help=f"comma-separated contenders (default: all of {', '.join(CONTENDERS)})")
-    parser.add_argument("--max-wait", type=float, default=300,
-                        help="seconds to wait for a quiet machine first (default 300)")
+    parser.add_argument("--only", help=f"comma-separated contenders (default: all of "
+                                       f"{', '.join(CONTENDERS)}; the hand loop always runs)")
+    parser.add_argument("--max-wait", type=float, default=120,
+                        help="seconds to wait for a quiet machine before each replica (default 120)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output directory")
     args = parser.parse_args(argv)
     plan = dict(PLANS["quick" if args.quick else "full"])
@@ -282,18 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
         parser.error(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}")
-    if BASELINE not in names:
-        names.insert(0, BASELINE)  # every ratio is to it
     os.environ["OMP_NUM_THREADS"] = "1"  # read by the frameworks' thread setup in the ranks
-    quiet = wait_for_quiet(max_load=None, max_busy=0.25, max_wait_s=args.max_wait)
     started = utc_now()
     with CpuWatch() as watch:
-        results = run(plan["replicas"], plan["steps"], plan["warmup"], names)
+        results = run(plan["replicas"], plan["steps"], plan["warmup"], names, args.max_wait)
     if "status" in results:
         print(f"peers.py: {results['status']}", file=sys.stderr)
         return 2
     results.update({"mode": "quick" if args.quick else "full", "machine": machine_info(),
-                    "started_utc": started, "quiet_before": quiet, "conditions": watch.result})
+                    "started_utc": started, "conditions": watch.result})
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "peers_quick" if args.quick else "peers"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -203,8 +203,8 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
                 "measured": check["measured"]["efficiency"]}
     peer_results = results.get("peers", {})
     if "contenders" in peer_results:
-        out["peers_ratio_to_hand"] = {name: entry["ratio_to_hand"]
-                                      for name, entry in peer_results["contenders"].items()}
+        out["peers_ratio_to_hand"] = {name: entry["ratio_to_hand"] for name, entry
+                                      in peer_results["wall"]["contenders"].items()}
     gpu = results.get("gpu", {})
     if "modes" in gpu:
         out["gpu"] = {mode: {k: data[k] for k in ("tokens_per_s", "mfu", "peak_memory_gib")}

@@ -294,3 +294,60 @@ def test_mid_epoch_resume_does_not_load_skipped_samples(workdir: Path) -> None:
     (workdir / "default" / "checkpoints").rename(workdir / "elsewhere")
     _, straight = run(30)
     _assert_bitwise_equal(resumed, straight)
+
+
+def test_an_explicit_resume_sets_the_abandoned_branch_aside(workdir: Path, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resuming from step 10 of a run that went on to 20: rotation keeps the new branch's
+    checkpoints, and the next auto resume continues it instead of jumping back to step 20."""
+    monkeypatch.chdir(workdir)
+    quiet = ["logging.progress=none", "checkpoint.every_epochs=0", "checkpoint.keep_last=3"]
+    assert main([*quiet, "train.max_steps=20", "checkpoint.every_steps=5"]) == 0
+    run_dir = Path("runs") / "default"  # relative, as the messages name it
+    checkpoints = run_dir / "checkpoints"
+    capsys.readouterr()
+
+    branch = [*quiet, "checkpoint.every_steps=1", "optim.lr=0.01"]
+    assert main([*branch, "train.max_steps=12", f"checkpoint.resume={checkpoints / 'step_00000010.pt'}"]) == 0
+    err = capsys.readouterr().err
+    abandoned = checkpoints / "abandoned" / "after_step_00000010"
+    assert f"moved 2 checkpoint(s) newer than step 10 into {abandoned}" in err
+    assert "step_00000015.pt, step_00000020.pt" in err
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == [
+        "step_00000010.pt", "step_00000011.pt", "step_00000012.pt"]
+    assert read_checkpoint(abandoned / "step_00000020.pt")["progress"]["global_step"] == 20  # kept whole
+
+    assert main([*branch, "train.max_steps=14"]) == 0
+    assert f"resuming from {checkpoints / 'step_00000012.pt'} at step 12" in capsys.readouterr().err
+    assert read_summary(run_dir)["global_step"] == 14
+
+
+def test_rotation_after_skipping_a_corrupt_newest_keeps_the_new_checkpoints(
+        workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workdir)
+    quiet = ["logging.progress=none", "checkpoint.every_epochs=0"]
+    assert main([*quiet, "train.max_steps=20", "checkpoint.every_steps=5", "checkpoint.keep_last=3"]) == 0
+    checkpoints = Path("runs") / "default" / "checkpoints"  # relative, as the messages name it
+    (checkpoints / "step_00000020.pt").write_bytes(b"")  # a full disk at the last save
+    capsys.readouterr()
+
+    resumed = [*quiet, "checkpoint.every_steps=1", "checkpoint.keep_last=1"]
+    assert main([*resumed, "train.max_steps=17"]) == 0
+    err = capsys.readouterr().err
+    assert "step_00000020.pt: it is empty (0 bytes)" in err and "at step 15" in err
+    assert [p.name for p in checkpoints.glob("step_*")] == ["step_00000017.pt"]
+    assert main([*resumed, "train.max_steps=18"]) == 0
+    assert f"resuming from {checkpoints / 'step_00000017.pt'} at step 17" in capsys.readouterr().err
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path: Path) -> None:
+    """Even next to a higher-numbered checkpoint of another branch (keep_last=1)."""
+    config = load_config(None, ["checkpoint.keep_last=1"]).checkpoint
+    store = FileCheckpointStore(tmp_path, config)
+    state = {"format_version": 1, "model": {"weight": torch.ones(2)}, "optimizer": {}, "scheduler": {},
+             "progress": {}, "ranks": []}
+    store.save(state, 50, periodic=True, best=False)
+    store.save(state, 12, periodic=True, best=True)
+    store.save(state, 13, periodic=False, best=True)
+    store.wait()
+    assert [(c.kind, c.step) for c in store.list()] == [("step", 12), ("best", 13)]

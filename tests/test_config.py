@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import run_cli
 from ddp_train.cli import main
 from ddp_train.config import TrainConfig, config_to_yaml, field_help, load_config, parse_yaml
+from ddp_train.errors import ConfigError
+from ddp_train.training.early_stopping import watchable_metrics
+from ddp_train.training.metrics import MetricAccumulator
 
 FAST = ["train.max_steps=2", "logging.progress=none"]
 
@@ -19,9 +24,10 @@ BAD_INPUTS = [
     (["trian.epochs=3"], ["trian", "did you mean 'train'"]),
     (["optim.lrr=0.1"], ["optim.lrr", "did you mean 'optim.lr'"]),
     (["train.epochs=abc"], ["train.epochs", "expected an integer", "'abc'"]),
-    (["data.batch_size=0"], ["data.batch_size", ">= 1", "0"]),
+    (["data.batch_size=0"], ["data.batch_size", "an integer in [1, 2147483647]", "got 0"]),
     (["data.batch_size=-4"], ["data.batch_size"]),
-    (["optim.lr=-0.1"], ["optim.lr", ">= 0"]),
+    (["optim.lr=-0.1"], ["optim.lr", "> 0"]),
+    (["optim.lr=0"], ["optim.lr", "a finite number > 0", "0.0"]),
     (["train.grad_accum_steps=0"], ["train.grad_accum_steps"]),
     (["train.precision=fp8"], ["train.precision", "fp32, bf16, fp16", "'fp8'"]),
     (["train.strategy=dpp"], ["train.strategy", "did you mean 'ddp'"]),
@@ -55,6 +61,26 @@ BAD_INPUTS = [
     (["model=3"], ["model", "mapping"]),
     (["model.args.activation=swish"], ["model.args", "swish"]),
     (["model.name=gpt", "data.name=chars", "model.args.n_head=3"], ["model.args", "divisible"]),
+    # Each of these escaped as a traceback (exit 1) or was silently accepted.
+    (["run.name=.."], ["run.name", "not empty, '.' or '..'", "got '..'"]),
+    (["run.name=."], ["run.name", "got '.'"]),
+    (["run.seed=18446744073709551616"], ["run.seed", "an integer in [0, 4294967295]"]),
+    (["run.seed=-1"], ["run.seed", "an integer in [0, 4294967295]", "got -1"]),
+    (["dist.timeout_s=.inf"], ["dist.timeout_s", "(0, 604800] seconds (at most 7 days)", "got inf"]),
+    (["dist.timeout_s=1e12"], ["dist.timeout_s", "(0, 604800]"]),
+    (["dist.timeout_s=.nan"], ["dist.timeout_s", "got nan"]),
+    (["data.num_workers=100000"], ["data.num_workers", "[0, 256]", "worker processes per rank"]),
+    (["model.args.hidden_sizes=[-3]"],
+     ["model.args", "rejected by mlp (RuntimeError at ", "negative dimension -3"]),
+    (["model.args.hidden_sizes=[2.5]"], ["model.args", "rejected by mlp (TypeError at "]),
+    (["model.args.when=2020-13-45"], ["model.args.when", "is not valid YAML", "month must be in 1..12"]),
+    (["model.args.nested=&a [*a]"], ["model.args", "YAML alias"]),
+    (["model.args.not-a-name=1"], ["model.args", "keyword argument names", "'not-a-name'"]),
+    (["model.name=.relative:net"], ["model.name", "Python identifiers", "'.relative:net'"]),
+    (["train.step_fn=user_components:1fn"], ["train.step_fn", "'package.module:fn'"]),
+    (["optim.betas=[0.9, .nan]"], ["optim.betas[1]", "[0, 1)", "nan"]),
+    (["schedule.gamma=0"], ["schedule.gamma", "(0, 1]"]),
+    (["debug.grad_norm_low=5", "debug.grad_norm_high=1"], ["debug.grad_norm_low", "[0, 1)"]),
 ]
 
 
@@ -69,6 +95,101 @@ def test_bad_input_exits_2_naming_the_key(args: list[str], expected: list[str], 
         assert text in err, f"{text!r} not in {err!r}"
     assert "Traceback" not in err
     assert not (workdir / "runs").exists(), "a bad config must not create or touch a run dir"
+
+
+def _numeric_keys(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, type]]:
+    """Every int and float key of the config (optional ones and lists of numbers included)."""
+    keys: list[tuple[str, type]] = []
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys += _numeric_keys(hint, f"{prefix}{name}.")
+            continue
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        number = hint if hint in (int, float) else args[0] if args in ([int], [float]) else None
+        if number is not None:
+            keys.append((f"{prefix}{name}", number))
+    return keys
+
+
+@pytest.mark.parametrize(("key", "kind"), _numeric_keys(), ids=[key for key, _ in _numeric_keys()])
+def test_every_numeric_key_rejects_non_finite_and_out_of_range_values(key: str, kind: type) -> None:
+    """No number is unchecked: NaN, infinities and floats beyond range for float keys; for
+    integer keys values below 0 and beyond 64 bits (every count has an upper bound)."""
+    bad = [".nan", ".inf", "-.inf", str(10**400)] if kind is float else [str(-2**31), str(2**63)]
+    for value in bad:
+        override = f"{key}=[0.5, {value}]" if key == "optim.betas" else f"{key}={value}"
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [override])
+        assert info.value.key.startswith(key), (override, info.value)
+        assert "\n" not in str(info.value)
+
+
+def test_a_run_directory_through_a_file_is_a_config_error(workdir: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file where the run directory or one of its parents should be: one line naming the
+    key and the file, before anything is written (this was a NotADirectoryError)."""
+    monkeypatch.chdir(workdir)
+    (workdir / "afile").write_text("not a directory\n")
+    for args, key in [(["run.output_dir=afile"], "run.output_dir"),
+                      (["run.output_dir=afile/deeper"], "run.output_dir"),
+                      (["run.output_dir=.", "run.name=afile"], "run.name")]:
+        assert main([*args, *FAST]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ddp-train: config error: {key}: expected a directory"), err
+        assert err.count("\n") == 1 and f"{workdir / 'afile'}' is not a directory" in err
+    assert [path.name for path in workdir.iterdir()] == ["afile"]
+
+
+def test_a_bug_in_a_user_factory_is_one_line_naming_it(workdir: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only ValueError: whatever a user's factory raises is one line naming the key, the
+    factory, the error and the line that raised it (this was a traceback, exit 1)."""
+    (workdir / "buggy_models.py").write_text("def net(width: int = 4):\n    return undefined_name\n")
+    monkeypatch.syspath_prepend(str(workdir))
+    monkeypatch.chdir(workdir)
+    assert main(["model.name=buggy_models:net", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err == ("ddp-train: config error: model.args: rejected by net (NameError at buggy_models.py:2): "
+                   "name 'undefined_name' is not defined\n")
+
+
+@pytest.mark.parametrize(("args", "available"), [
+    (["train.early_stopping.metric=val/nope"],
+     "task 'classification' (val/loss, val/accuracy, val/precision_macro, val/recall_macro, val/f1_macro)"),
+    (["train.early_stopping.metric=val/mse", "train.early_stopping.enabled=true"], "task 'classification'"),
+    (["train.early_stopping.metric=val/accuracy", "data.name=synthetic_regression", "loss.name=mse"],
+     "task 'regression' (val/loss, val/mse, val/mae, val/r2)"),
+    (["train.early_stopping.metric=val/confusion_matrix"], "task 'classification'"),
+], ids=["unknown", "enabled", "other-task", "not-a-number"])
+def test_an_early_stopping_metric_the_task_cannot_report_fails_before_training(
+        args: list[str], available: str, workdir: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found at startup, naming the metrics there are (this was found at the first
+    validation, after a whole epoch of training)."""
+    monkeypatch.chdir(workdir)
+    assert main([*args, "train.max_steps=50", "logging.progress=none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ddp-train: config error: train.early_stopping.metric: expected a metric "
+                          f"that validation reports for {available}"), err
+    assert err.count("\n") == 1
+    assert not list(workdir.rglob("metrics.jsonl")) and not list(workdir.rglob("*.pt")), "it trained"
+
+
+@pytest.mark.parametrize("task", ["classification", "language_model", "regression", "none"])
+def test_watchable_metrics_are_the_ones_validation_reports(task: str) -> None:
+    """The table early stopping checks against is what the metrics code computes: every
+    scalar it reports but val/samples, with a model's predictions and without (step_fn)."""
+    samples, classes = 6, 3
+    targets = torch.randint(0, classes, (samples,)) if task != "regression" else torch.randn(samples, 1)
+    prediction = torch.randn(samples, classes if task != "regression" else 1)
+    if task == "language_model":
+        targets, prediction = targets.reshape(2, 3), prediction.reshape(2, 3, classes)
+    for custom_step in (False, True):
+        accumulator = MetricAccumulator(task, torch.device("cpu"))
+        accumulator.update(torch.tensor(1.0), None if custom_step else prediction, targets, samples)
+        reported = accumulator.compute(lambda totals: totals)
+        scalars = {name for name, value in reported.items() if isinstance(value, float)}
+        assert set(watchable_metrics(task, custom_step)) == scalars, (custom_step, reported)
 
 
 def _write(path: Path, text: str) -> Path:

@@ -10,12 +10,9 @@ ddp_train serve``) over loopback HTTP with the standard library's client.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
-import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,16 +21,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import clean_env, free_port, load_model, read_summary, require_modules, run_cli
+from conftest import load_model, read_summary, require_modules, run_cli
 from ddp_train.cli import main
 from ddp_train.config import config_to_yaml, load_config
 
 require_modules("onnx", "onnxscript", "onnxruntime", "fastapi", "uvicorn", "prometheus_client")
 
 import onnxruntime  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+import serving_components  # noqa: E402
 import user_components  # noqa: E402
+from http_server import Client, Samples, Server, scrape  # noqa: E402
 
 FEATURES, CLASSES = 32, 4
 DATA = ["data.name=synthetic_classification", f"data.args.n_features={FEATURES}",
@@ -88,7 +86,8 @@ def test_every_format_answers_like_the_model_at_other_batch_sizes(run_dir: Path,
         assert entry["size_bytes"] == path.stat().st_size
         assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert "legacy" in exported["formats"]["torchscript"]["note"]
-    assert exported["input"] == {"name": "input", "shape": ["batch", FEATURES], "dtype": "float32"}
+    assert exported["inputs"] == [{"name": "input", "shape": ["batch", FEATURES], "dtype": "float32"}]
+    assert exported["axis_limits"] == {}
     assert exported["output"] == {"name": "output", "shape": ["batch", CLASSES], "dtype": "float32"}
     assert exported["task"] == "classification" and exported["num_classes"] == CLASSES
     assert {"torch", "onnx", "onnxruntime", "ddp_train"} <= set(exported["versions"])
@@ -113,7 +112,7 @@ def test_manifest_holds_the_training_inputs_statistics(exported: dict[str, Any])
     from ddp_train.components.datasets import synthetic_classification
 
     train, _ = synthetic_classification(n_samples=1024, n_features=FEATURES, n_classes=CLASSES)
-    stats = exported["input_stats"]
+    stats = exported["input_stats"]["input"]
     assert stats["samples"] == len(train)
     np.testing.assert_allclose(stats["mean"], train.inputs.double().mean(0).numpy(), atol=1e-9)
     np.testing.assert_allclose(stats["std"], train.inputs.double().std(0, unbiased=False).numpy(), atol=1e-9)
@@ -224,76 +223,12 @@ def test_usage_errors_exit_2_with_one_line(run_dir: Path, tmp_path: Path, capsys
 # The server
 
 
-class Client:
-    """An HTTP/1.1 client on one kept-alive connection (the standard library's http.client)."""
-
-    def __init__(self, port: int) -> None:
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        self.connection.request(method, path, body, headers)
-        response = self.connection.getresponse()
-        return response.status, response.read()
-
-    def predict(self, body: Any) -> tuple[int, Any]:
-        """POST /predict with ``body`` (bytes as they are, anything else as JSON)."""
-        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        status, answer = self.request("POST", "/predict", raw)
-        return status, json.loads(answer)
-
-
-class Server:
-    """``python -m ddp_train serve`` in a subprocess on a free loopback port."""
-
-    def __init__(self, args: list[str], cwd: Path) -> None:
-        self.port = free_port()
-        # -X importtime lists every module the process imports: proof of what it loaded.
-        # It writes thousands of lines, to a file: a full pipe would block the server.
-        self.log = (cwd / f"serve-{self.port}.log").open("w+")
-        self.process = subprocess.Popen(
-            [sys.executable, "-X", "importtime", "-m", "ddp_train", "serve", *args, "--port", str(self.port)],
-            cwd=cwd, env=clean_env(), stdout=self.log, stderr=subprocess.STDOUT, text=True)
-        self.stderr = ""
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.stop()
-                pytest.fail(f"server exited with {self.process.returncode}: {self.stderr[-2000:]}")
-            try:
-                if Client(self.port).request("GET", "/readyz")[0] == 200:
-                    return
-            except OSError:  # not listening yet
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"server not ready within {timeout} s")
-
-    def stop(self) -> None:
-        if self.log.closed:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.seek(0)
-        self.stderr = self.log.read()
-        self.log.close()
-
-    def imported(self) -> set[str]:
-        """Top-level names of the modules the server process imported."""
-        return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in self.stderr.splitlines()
-                if line.startswith("import time:") and "|" in line}
-
-
 @pytest.fixture(scope="module")
 def servers(run_dir: Path, exported: dict[str, Any]) -> Iterator[dict[str, Server]]:
     """An onnxruntime server (on the run directory) and a torch one (on the export directory)."""
     started = {"onnxruntime": Server([str(run_dir), "--max-batch", "64"], run_dir),
-               "torch": Server([str(run_dir / "export"), "--backend", "torch", "--drift-window", "50"], run_dir)}
+               "torch": Server([str(run_dir / "export"), "--backend", "torch", "--drift-window", "50",
+                                "--drift-min-samples", "2"], run_dir)}
     try:
         for server in started.values():
             server.wait_ready()
@@ -303,13 +238,7 @@ def servers(run_dir: Path, exported: dict[str, Any]) -> Iterator[dict[str, Serve
             server.stop()
 
 
-def _metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = Client(port).request("GET", "/metrics")[1].decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def _requests(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], status: int) -> float:
+def _requests(metrics: Samples, status: int) -> float:
     return metrics.get(("ddp_serve_requests_total", (("endpoint", "/predict"), ("status", str(status)))), 0.0)
 
 
@@ -334,7 +263,7 @@ def test_server_answers_like_the_model_and_refuses_bad_requests_clearly(run_dir:
     with torch.no_grad():
         expected = _eager(run_dir)(inputs[:20])
     for name, server in servers.items():
-        before = _metrics(server.port)
+        before = scrape(server.port)
         client = Client(server.port)
         status, batch = client.predict({"inputs": inputs[:20].tolist()})
         assert status == 200, (name, batch)
@@ -350,7 +279,7 @@ def test_server_answers_like_the_model_and_refuses_bad_requests_clearly(run_dir:
             status, answer = Client(server.port).predict(body)
             assert status == expected_status, (body[:80], answer)
             assert message in answer["error"], answer
-        after = _metrics(server.port)
+        after = scrape(server.port)
         for code in (400, 413, 422):
             sent = sum(1 for _, s, _ in BAD_REQUESTS if s == code)
             assert _requests(after, code) - _requests(before, code) == sent, code
@@ -375,14 +304,15 @@ def test_thousand_concurrent_requests_without_error_and_counted(exported: dict[s
                                                                servers: dict[str, Server]) -> None:
     server = servers["onnxruntime"]
     inputs, _ = _val_data()
-    before = _metrics(server.port)
+    before = scrape(server.port)
     bodies = [json.dumps({"inputs": inputs[i % len(inputs)].tolist()}).encode() for i in range(1000)]
     statuses = _hammer(server.port, bodies, concurrency=16)
     assert statuses == [200] * 1000
-    after = _metrics(server.port)
+    after = scrape(server.port)
     assert _requests(after, 200) - _requests(before, 200) == 1000
     assert (after[("ddp_serve_batch_size_count", ())] - before[("ddp_serve_batch_size_count", ())]) == 1000
-    assert after[("ddp_serve_input_samples_total", ())] - before[("ddp_serve_input_samples_total", ())] == 1000
+    # Drift is published per window of 100 requests: all but the last partial one are in.
+    assert after[("ddp_serve_input_samples_total", ())] - before[("ddp_serve_input_samples_total", ())] >= 1000 - 99
     latency = ("ddp_serve_request_duration_seconds_count", (("endpoint", "/predict"),))
     assert after[latency] - before[latency] == 1000
     info = dict(next(labels for name, labels in after if name == "ddp_serve_model_info"))
@@ -392,16 +322,18 @@ def test_thousand_concurrent_requests_without_error_and_counted(exported: dict[s
 
 
 def test_drift_gauge_follows_shifted_inputs(exported: dict[str, Any], servers: dict[str, Server]) -> None:
-    server = servers["torch"]  # its running mean spans 50 examples
+    server = servers["torch"]  # its running mean spans 50 examples, published per 2 requests
     inputs, _ = _val_data()
-    shifted = inputs[:50] + 3 * torch.tensor(exported["input_stats"]["std"], dtype=torch.float32)
+    shifted = inputs[:50] + 3 * torch.tensor(exported["input_stats"]["input"]["std"], dtype=torch.float32)
     client = Client(server.port)
-    assert client.predict({"inputs": inputs[:50].tolist()})[0] == 200
-    calm = _metrics(server.port)[("ddp_serve_input_drift_mean_abs_z", ())]
-    assert client.predict({"inputs": shifted.tolist()})[0] == 200
-    drifted = _metrics(server.port)
+    for half in (inputs[:25], inputs[25:50]):
+        assert client.predict({"inputs": half.tolist()})[0] == 200
+    calm = scrape(server.port)[("ddp_serve_input_drift_mean_abs_z", ())]
+    for half in (shifted[:25], shifted[25:]):
+        assert client.predict({"inputs": half.tolist()})[0] == 200
+    drifted = scrape(server.port)
     assert calm < 0.5 and drifted[("ddp_serve_input_drift_mean_abs_z", ())] > 2.0
-    assert drifted[("ddp_serve_input_drift_z", (("feature", "0"),))] > 2.0
+    assert drifted[("ddp_serve_input_drift_z", (("feature", "0"), ("input", "input")))] > 2.0
 
 
 def test_onnxruntime_server_never_imports_torch(servers: dict[str, Server]) -> None:
@@ -410,3 +342,198 @@ def test_onnxruntime_server_never_imports_torch(servers: dict[str, Server]) -> N
     assert "onnxruntime" in servers["onnxruntime"].imported()
     assert "torch" not in servers["onnxruntime"].imported()
     assert "torch" in servers["torch"].imported()  # the check can see torch where it is imported
+
+
+# ---------------------------------------------------------------------------------------
+# A model with several named inputs (input_ids, attention_mask), fed by mapping batches
+# through a padding collate: never trained (the weights do not matter to parity)
+
+
+def _named_inputs_run(root: Path, model_name: str) -> Path:
+    """A run directory (config.yaml + model.pt, seeded weights) of ``model_name`` on the
+    padded token data of :mod:`serving_components`."""
+    run_dir = root / model_name.split(":")[-1]
+    run_dir.mkdir(parents=True)
+    config = load_config(None, [f"model.name={model_name}", "data.name=serving_components:token_data",
+                                "data.collate=serving_components:pad_batch", "data.batch_size=8"])
+    (run_dir / "config.yaml").write_text(config_to_yaml(config))
+    torch.manual_seed(0)
+    factory = getattr(serving_components, model_name.split(":")[-1])
+    torch.save(factory().state_dict(), run_dir / "model.pt")
+    return run_dir
+
+
+def _token_model(run_dir: Path, factory: Any) -> torch.nn.Module:
+    model = factory()
+    model.load_state_dict(load_model(run_dir))
+    return model.eval()
+
+
+def _padded(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of random sequences of ``lengths``, padded to the longest."""
+    generator = torch.Generator().manual_seed(seed)
+    items = [{"input_ids": torch.randint(1, serving_components.VOCAB, (length,), generator=generator), "labels": 0}
+             for length in lengths]
+    batch = serving_components.pad_batch(items)
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def _logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        output = model(input_ids=input_ids, attention_mask=attention_mask)
+    return output["logits"]
+
+
+@pytest.fixture(scope="module")
+def token_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _named_inputs_run(tmp_path_factory.mktemp("tokens"), "serving_components:token_classifier")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+def test_named_inputs_export_with_dynamic_batch_and_sequence_axes(token_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    assert main(["export", str(token_run), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    vocab, classes = serving_components.VOCAB, serving_components.CLASSES
+    # The labels the collate adds are the targets: not an input of the served model.
+    assert manifest["inputs"] == [
+        {"name": "input_ids", "shape": ["batch", "sequence"], "dtype": "int64", "range": [0, vocab - 1]},
+        {"name": "attention_mask", "shape": ["batch", "sequence"], "dtype": "int64", "range": [0, 1]}]
+    assert manifest["output"] == {"name": "output", "shape": ["batch", classes], "dtype": "float32"}
+    assert manifest["input_stats"] == {}  # no input of one fixed shape: no per-feature drift
+    for fmt in ("onnx", "exported", "torchscript"):
+        assert manifest["formats"][fmt]["max_abs_diff"] <= 1e-5, fmt
+        assert len(set(manifest["formats"][fmt]["checked_batch_sizes"])) == 3
+
+    # Independently of the exporter's checks: batch sizes and sequence lengths it never tried.
+    model = _token_model(token_run, serving_components.token_classifier)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in session.get_inputs()] == [("input_ids", "tensor(int64)"),
+                                                                ("attention_mask", "tensor(int64)")]
+    assert all(isinstance(dim, str) for i in session.get_inputs() for dim in i.shape)  # both axes dynamic
+    program = torch.export.load(out / "model.pt2").module()
+    traced = torch.jit.load(str(out / "model.ts"))
+    for lengths in ([14, 3, 9, 14, 1], [2], [16] * 7):
+        input_ids, attention_mask = _padded(lengths, seed=len(lengths))
+        expected = _logits(model, input_ids, attention_mask)
+        answers = {"onnx": torch.from_numpy(session.run(None, {"input_ids": input_ids.numpy(),
+                                                               "attention_mask": attention_mask.numpy()})[0]),
+                   "pt2": program(input_ids, attention_mask), "ts": traced(input_ids, attention_mask)}
+        for name, got in answers.items():
+            assert got.shape == expected.shape, (name, lengths)
+            assert (got - expected).abs().max().item() <= 1e-5, (name, lengths)
+
+
+@pytest.fixture(scope="module")
+def token_server(token_run: Path) -> Iterator[Server]:
+    """``serve RUN_DIR`` on the token run, which has not been exported: it exports it first."""
+    server = Server([str(token_run)], token_run)
+    try:
+        server.wait_ready(timeout=300)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_serve_exports_a_run_first_and_takes_named_inputs(token_run: Path, token_server: Server) -> None:
+    assert f"{token_run} has not been exported yet: exporting it first" in token_server.output()
+    manifest = json.loads((token_run / "export" / "manifest.json").read_text())
+    assert set(manifest["formats"]) == {"onnx"}  # what the onnxruntime backend serves, no more
+
+    model = _token_model(token_run, serving_components.token_classifier)
+    input_ids, attention_mask = _padded([5, 2, 11], seed=3)
+    expected = _logits(model, input_ids, attention_mask)
+    client = Client(token_server.port)
+    status, answer = client.predict({"inputs": {"input_ids": input_ids.tolist(),
+                                                "attention_mask": attention_mask.tolist()}})
+    assert status == 200, answer
+    assert (torch.tensor(answer["outputs"]) - expected).abs().max().item() <= 1e-5
+    assert answer["predictions"] == expected.argmax(-1).tolist()
+    # One example: each input without the batch axis.
+    status, single = client.predict({"inputs": {"input_ids": input_ids[1, :2].tolist(),
+                                                "attention_mask": attention_mask[1, :2].tolist()}})
+    assert status == 200 and single["predictions"] == int(expected[1].argmax())
+
+    ids, mask = input_ids.tolist(), attention_mask.tolist()
+    bad_requests: list[tuple[Any, str]] = [
+        ({"inputs": ids}, 'this model takes several inputs: expected an object {"input_ids": [...], '
+                          '"attention_mask": [...]}, got a JSON array'),
+        ({"inputs": {"input_ids": ids}}, "expected the model's inputs ['input_ids', 'attention_mask'], "
+                                         "but the object lacks 'attention_mask'"),
+        ({"inputs": {"input_ids": ids, "attention_mask": mask, "token_type_ids": mask}},
+         "has 'token_type_ids', which the model does not take"),
+        ({"inputs": {"input_ids": ids, "attention_mask": [[1.0, 0.5] + row[2:] for row in mask]}},
+         "inputs.attention_mask: expected integers (int64), got the non-integer 1.0 at [0, 0]"),
+        ({"inputs": {"input_ids": ids, "attention_mask": [[1, 2] + row[2:] for row in mask]}},
+         "inputs.attention_mask: expected integers in [0, 1] (the model's input range), got 2 at [0, 1]"),
+        ({"inputs": {"input_ids": [row[:-1] for row in ids], "attention_mask": mask}},
+         "inputs: 'input_ids' and 'attention_mask' share the sequence axis but have lengths 10 and 11"),
+        ({"inputs": {"input_ids": ids[:2], "attention_mask": mask}},
+         "inputs: 'input_ids' and 'attention_mask' share the batch axis but have lengths 2 and 3"),
+        ({"inputs": {"input_ids": [[3, 4, 5], [6]], "attention_mask": [[1, 1, 1], [1]]}},
+         "inputs.input_ids: expected a rectangular array of shape [sequence] for one example or "
+         "[N, sequence] for a batch of N ≤ 256 (sequence: any length ≥ 1), but its rows differ"),
+        ({"inputs": {"input_ids": [[3, 4, 5, 99]], "attention_mask": [[1, 1, 1, 1]]}},
+         "inputs.input_ids: expected integers in [0, 39] (the model's input range), got 99 at [0, 3]"),
+        ({"inputs": {"input_ids": [[[3]]], "attention_mask": [[[1]]]}},
+         "inputs.input_ids: expected shape [sequence] for one example or [N, sequence]"),
+    ]
+    for body, message in bad_requests:
+        status, answer = client.predict(body)
+        assert status == 422 and message in answer["error"], (body, answer)
+
+
+def test_a_model_failure_is_a_generic_500_with_the_detail_in_the_log(token_server: Server) -> None:
+    # Positions beyond the model's table of 16: a failure inside the model, which neither the
+    # exporter nor the manifest can foresee (an embedding lookup has no shape guard).
+    input_ids, attention_mask = _padded([20], seed=4)
+    client = Client(token_server.port)
+    status, answer = client.predict({"inputs": {"input_ids": input_ids.tolist(),
+                                                "attention_mask": attention_mask.tolist()}})
+    assert status == 500
+    incident = answer["error"].split("request ")[1].split(";")[0]
+    assert answer == {"error": f"internal error: the model could not answer (request {incident}; "
+                               f"the server log has the details)"}
+    logged = next(line for line in token_server.output().splitlines() if f"request {incident}:" in line)
+    detail = logged.split("the model failed: ")[1]
+    assert "ONNXRuntimeError" in detail and detail not in json.dumps(answer)
+    # And it keeps serving.
+    input_ids, attention_mask = _padded([3], seed=4)
+    assert client.predict({"inputs": {"input_ids": input_ids.tolist(),
+                                      "attention_mask": attention_mask.tolist()}})[0] == 200
+
+
+def test_hugging_face_model_exports_within_its_position_table_and_is_served_within_it(tmp_path: Path) -> None:
+    require_modules("transformers")
+    run_dir = _named_inputs_run(tmp_path, "serving_components:tiny_bert")
+    out = tmp_path / "export"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [entry["name"] for entry in manifest["inputs"]] == ["input_ids", "attention_mask"]
+    # BERT's position table bounds the sequence; torch.export found the bound.
+    assert manifest["axis_limits"] == {"sequence": serving_components.MAX_LENGTH}
+
+    model = _token_model(run_dir, serving_components.tiny_bert)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    program = torch.export.load(out / "model.pt2").module()
+    input_ids, attention_mask = _padded([16, 5, 9], seed=5)
+    expected = _logits(model, input_ids, attention_mask)
+    onnx = session.run(None, {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})[0]
+    assert np.abs(onnx - expected.numpy()).max() <= 1e-5
+    assert (program(input_ids, attention_mask) - expected).abs().max().item() <= 1e-5
+
+    server = Server([str(out)], tmp_path)
+    try:
+        server.wait_ready()
+        client = Client(server.port)
+        status, answer = client.predict({"inputs": {"input_ids": input_ids.tolist(),
+                                                    "attention_mask": attention_mask.tolist()}})
+        assert status == 200 and np.abs(np.array(answer["outputs"]) - expected.numpy()).max() <= 1e-5
+        long_ids, long_mask = _padded([17], seed=5)
+        status, answer = client.predict({"inputs": {"input_ids": long_ids.tolist(),
+                                                    "attention_mask": long_mask.tolist()}})
+        assert status == 422
+        assert "inputs.input_ids: its sequence axis has length 17" in answer["error"]
+        assert "(sequence: any length ≥ 1 up to 16)" in answer["error"]
+    finally:
+        server.stop()

@@ -76,12 +76,18 @@ for _kind in ("constant", "linear", "cosine", "step"):
     SCHEDULES.register(_kind)(WarmupSchedule)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, config: ScheduleConfig, total_steps: int
+def build_schedule(optimizer: torch.optim.Optimizer, config: ScheduleConfig, total_steps: int | None
                    ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The configured schedule over ``total_steps`` optimizer steps."""
+    """The configured schedule over ``total_steps`` optimizer steps (None: unknown, a stream's
+    length; only schedules that do not depend on it are allowed then)."""
     factory: Callable[..., Any] = SCHEDULES.resolve(config.name)
     if factory is WarmupSchedule:
-        multiplier = WarmupSchedule(config.name, config.warmup_steps, total_steps,
+        if total_steps is None and config.name in ("linear", "cosine"):
+            raise ConfigError("schedule.name", f"{config.name!r} decays over the run's length, which "
+                                               f"a stream of unknown length leaves open: set "
+                                               f"data.steps_per_epoch or train.max_steps, or use "
+                                               f"constant or step")
+        multiplier = WarmupSchedule(config.name, config.warmup_steps, total_steps or 1,
                                     config.min_lr_ratio, config.step_size, config.gamma)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     scheduler = factory(optimizer, total_steps=total_steps, warmup_steps=config.warmup_steps)

@@ -177,6 +177,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return {}
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a mapping, got {shown(value)}")
+        # Every such mapping is a factory's keyword arguments.
+        for name in value:
+            if not (isinstance(name, str) and name.isidentifier()):
+                raise ConfigError(key, f"expected keyword argument names (Python identifiers) as "
+                                       f"keys, got {shown(name)}")
         _check_tree(value, key, seen=set(), depth=0)
         return dict(value)
     if origin is list:

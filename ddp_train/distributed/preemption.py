@@ -13,6 +13,11 @@ agrees every few hundred steps, a large one every step; 0 agrees after every ste
 smallest proposal wins, sent negated so that MAX serves both), so every rank always agrees
 at the same step. A signal is acted on within two intervals: well under a second, far
 inside the grace period of SLURM (``--signal=...@180``) and of torchrun (30 s).
+
+A second signal (Slurm and torchrun both send SIGTERM) is logged. Under the command line the
+handlers stay installed after training until the process exits
+(:func:`~ddp_train.distributed.signals.keep_handlers_until_exit`): a signal that comes after
+the checkpoint and summary is logged and ignored, and the run's result stands.
 """
 
 from __future__ import annotations

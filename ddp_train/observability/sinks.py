@@ -78,7 +78,7 @@ class ConsoleSink:
     tqdm is installed).
     """
 
-    def __init__(self, mode: str, total_steps: int, initial: int = 0,
+    def __init__(self, mode: str, total_steps: int | None, initial: int = 0,
                  stream: TextIO | None = None) -> None:
         self._stream = stream or sys.stderr
         self._bar: Any = None
@@ -207,7 +207,7 @@ def _has_tqdm() -> bool:
     return True
 
 
-def run_sinks(config: LoggingConfig, run_dir: RunDirectory, total_steps: int, global_step: int,
+def run_sinks(config: LoggingConfig, run_dir: RunDirectory, total_steps: int | None, global_step: int,
               keep_through_step: int | None) -> list[Any]:
     """The sinks of a run (rank 0): metrics.jsonl, the console, and CSV and TensorBoard when asked.
 

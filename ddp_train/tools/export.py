@@ -1,12 +1,16 @@
 """``ddp-train export RUN_DIR``: a trained model as ONNX, ``torch.export`` and TorchScript files.
 
 The model is rebuilt from the run's ``config.yaml`` as the Trainer builds it
-(:class:`~ddp_train.components.parts.PartsBuilder`), loaded from ``model.pt``
-(``weights_only``), and exported with a dynamic batch axis. Every file is then run on
-real validation batches of several sizes (onnxruntime for ONNX) and compared with the
-eager model: a difference over the tolerance fails the export (exit 1) and no manifest
-is written, so an export directory with a ``manifest.json`` always holds files that
-answer like the model.
+(:class:`~ddp_train.components.parts.PartsBuilder`: this imports and calls the factories
+the config names, so a run directory is code), loaded from ``model.pt`` (``weights_only``),
+and exported as a function of its named input tensors that returns its prediction: the
+validation data, collated by the run's ``data.collate``, is split by the batch contract
+(one tensor, several, or a mapping such as ``input_ids`` and ``attention_mask``), and the
+batch axis and every axis the validation batches vary (a padded sequence) are dynamic.
+Every file is then run on real validation batches of several sizes (onnxruntime for ONNX)
+and compared with the eager model: a difference over the tolerance fails the export
+(exit 1) and no manifest is written, so an export directory with a ``manifest.json``
+always holds files that answer like the model.
 
 Optional steps: ``--prune AMOUNT`` (L1 unstructured magnitude pruning of Linear/Conv
 weights, made permanent, before exporting) and ``--quantize int8`` (onnxruntime's
@@ -19,14 +23,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import inspect
 import io
+import itertools
 import logging
 import platform
 import re
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
 from ddp_train.components.losses import LossFn
@@ -43,8 +49,9 @@ from ddp_train.components.parts import PartsBuilder
 from ddp_train.config import TrainConfig, load_config
 from ddp_train.errors import ExportFailed, UsageError, first_line
 from ddp_train.extras import require
-from ddp_train.tools.manifest import (BATCH_AXIS, FORMAT_FILES, FORMAT_VERSION, MANIFEST_NAME, sha256_of,
-                                     write_manifest)
+from ddp_train.tools.manifest import (BATCH_AXIS, FORMAT_FILES, FORMAT_VERSION, MANIFEST_NAME, SEQUENCE_AXIS,
+                                     sha256_of, write_manifest)
+from ddp_train.training.batches import ModelCall, describe, label_shift, read_output, samples_in, split_batch
 from ddp_train.training.metrics import MetricAccumulator
 from ddp_train.training.rng import seed_everything
 from ddp_train.version import __version__
@@ -93,6 +100,14 @@ class RunModel:
     val_is_train: bool
     task: str
     loss_fn: LossFn
+    collate: Callable[[list[Any]], Any]
+    """data.collate, or torch's default: how the run turned items into batches."""
+    label_shift: int
+    """1 for a Hugging Face causal LM, whose prediction at position t is of label t+1."""
+
+    def loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        """``dataset`` in order, in batches as the run collated them (map-style or iterable)."""
+        return DataLoader(dataset, batch_size=batch_size, collate_fn=self.collate)
 
 
 def check_request(request: ExportRequest) -> None:
@@ -120,7 +135,11 @@ def check_request(request: ExportRequest) -> None:
 
 
 def load_run_model(run_dir: Path) -> RunModel:
-    """Rebuild the run's model and data from ``config.yaml`` and load ``model.pt`` into it."""
+    """Rebuild the run's model and data from ``config.yaml`` and load ``model.pt`` into it.
+
+    This imports and calls the factories the config names (``package.module:attr``): a run
+    directory is code, to be exported only when you trust where it came from.
+    """
     config = load_config(run_dir / "config.yaml")
     builder = PartsBuilder(config)
     # As the Trainer does: a data factory that draws from the global RNG builds the same data.
@@ -137,74 +156,251 @@ def load_run_model(run_dir: Path) -> RunModel:
         raise UsageError("RUN_DIR", f"{run_dir / 'model.pt'} does not fit the model config.yaml "
                                     f"describes ({first_line(exc)})") from None
     train_dataset, val_dataset = parts.train_dataset, parts.val_dataset
-    val_is_train = val_dataset is None or len(val_dataset) == 0  # type: ignore[arg-type]
+    val_is_train = val_dataset is None or _is_empty(val_dataset)
     if val_is_train:
         log.warning("the run has no validation data: parity and metrics use the training data")
     return RunModel(config, parts.model.eval(), train_dataset,
                     train_dataset if val_is_train else val_dataset,  # type: ignore[arg-type]
-                    val_is_train, parts.task, parts.loss_fn)
+                    val_is_train, parts.task, parts.loss_fn, parts.collate or default_collate,
+                    label_shift(parts.model))
+
+
+def _is_empty(dataset: Dataset) -> bool:
+    """Whether a map-style or iterable data set yields no item."""
+    if isinstance(dataset, IterableDataset):
+        return next(iter(dataset), _NOTHING) is _NOTHING
+    return len(dataset) == 0  # type: ignore[arg-type]
+
+
+_NOTHING = object()
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs: a batch of the batch contract as the exported graph's named input tensors
+
+
+class InputLayout:
+    """How a batch becomes the exported graph's named input tensors, and those a model call.
+
+    The batch is split as training splits it (:func:`~ddp_train.training.batches.split_batch`):
+    one input tensor is named ``input``; several positional ones are named after the model's
+    ``forward`` parameters; a mapping's entries keep their keys, without the targets
+    (``data.target_key``), which a served model is not given.
+    """
+
+    def __init__(self, model: nn.Module, target_key: str, example: Any) -> None:
+        self.target_key = target_key
+        call = split_batch(example, target_key)
+        self.positional = len(call.args)
+        if self.positional == 1:
+            positional_names: list[str] = [INPUT_NAME]
+        else:
+            positional_names = _parameter_names(model, self.positional)
+        self.names = (*positional_names, *self._keyword_inputs(call, example))
+
+    def _keyword_inputs(self, call: ModelCall, batch: Any) -> dict[str, Any]:
+        """The call's keyword inputs, without the targets a mapping batch carries."""
+        return {key: value for key, value in call.kwargs.items()
+                if not (key == self.target_key and isinstance(batch, Mapping))}
+
+    def tensors(self, batch: Any) -> tuple[torch.Tensor, ...]:
+        """``batch``'s inputs in :attr:`names` order; ExportFailed for one that is not a tensor."""
+        call = split_batch(batch, self.target_key)
+        named = {**dict(zip(self.names, call.args)), **self._keyword_inputs(call, batch)}
+        if len(call.args) != self.positional or set(named) != set(self.names):
+            raise ExportFailed(f"the validation batches differ in their inputs: expected "
+                               f"{list(self.names)}, got {describe(batch)}")
+        for name, value in named.items():
+            if not isinstance(value, torch.Tensor):
+                raise ExportFailed(f"export takes tensor inputs, but the batch's {name!r} is "
+                                   f"{describe(value)}")
+        return tuple(named[name] for name in self.names)
+
+
+def _parameter_names(model: nn.Module, count: int) -> list[str]:
+    """The names of the first ``count`` positional parameters of ``model.forward``.
+
+    ``input_0``, ``input_1``, ... when ``forward`` takes ``*args`` or cannot be inspected.
+    """
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in parameters[:count] if p.kind in kinds]
+    return names if len(names) == count else [f"input_{i}" for i in range(count)]
+
+
+class Prediction(nn.Module):
+    """The model as a function of its named input tensors that returns its prediction.
+
+    This is what every format exports: positional tensors in the layout's order, rebuilt
+    into the model's call, and the prediction read out of whatever the model returns
+    (a tensor, a tuple, a Hugging Face ``ModelOutput``).
+    """
+
+    def __init__(self, model: nn.Module, layout: InputLayout) -> None:
+        super().__init__()
+        self.model = model
+        self.positional = layout.positional
+        self.keywords = layout.names[layout.positional:]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        output = self.model(*inputs[:self.positional], **dict(zip(self.keywords, inputs[self.positional:])))
+        prediction = read_output(output).prediction
+        if prediction is None:
+            raise ExportFailed("the model returns only a loss when given no labels: export needs "
+                               "a prediction (a tensor, or 'logits')")
+        return prediction
 
 
 # ---------------------------------------------------------------------------------------
 # Data
 
-
-def _inputs(batch: Any) -> torch.Tensor:
-    """The input tensor of a collated ``(inputs, targets)`` batch."""
-    inputs = batch[0] if isinstance(batch, (list, tuple)) and len(batch) == 2 else None
-    if not isinstance(inputs, torch.Tensor):
-        raise ExportFailed(f"export handles models with one tensor input, but the data's items "
-                           f"are not (tensor, target) pairs (a batch is a {type(batch).__name__}"
-                           f"{'' if inputs is None else f' whose inputs are a {type(inputs).__name__}'})")
-    return inputs
+Inputs = tuple[torch.Tensor, ...]
+"""One batch's input tensors, in the layout's order."""
+SCAN_FOR_SHAPES = 64
+"""Validation items searched for a single example whose shape differs from the example batch's."""
 
 
-def _examples(dataset: Dataset, start: int, count: int) -> torch.Tensor:
-    """Inputs ``start .. start+count`` of ``dataset`` as one batch (wrapping around)."""
-    size = len(dataset)  # type: ignore[arg-type]
-    return _inputs(default_collate([dataset[(start + i) % size] for i in range(count)]))
+def first_items(dataset: Dataset, count: int) -> list[Any]:
+    """The first ``count`` items of a map-style or iterable data set (fewer if it has fewer)."""
+    if isinstance(dataset, IterableDataset):
+        return list(itertools.islice(iter(dataset), count))
+    return [dataset[i] for i in range(min(count, len(dataset)))]  # type: ignore[arg-type]
 
 
-def check_batches(dataset: Dataset, batch_size: int) -> list[torch.Tensor]:
-    """Real batches of three sizes: the example batch, a single example, and an odd size between."""
-    size = len(dataset)  # type: ignore[arg-type]
-    other = max(batch_size // 2 + 1, 3) if batch_size != 3 else 2
-    return [_examples(dataset, 0, batch_size), _examples(dataset, batch_size % size, 1),
-            _examples(dataset, (batch_size + 1) % size, other)]
+def check_batches(items: list[Any], batch_size: int, collate: Callable[[list[Any]], Any]) -> list[Any]:
+    """Real batches of three sizes: the example batch, a single example, and an odd size between.
 
-
-def input_stats(dataset: Dataset) -> dict[str, Any]:
-    """Mean and (population) standard deviation of every input feature over ``dataset``.
-
-    Features are the elements of one flattened example; float64 sums keep the
-    statistics exact enough for drift monitoring whatever the data set's size.
+    The single example is the first after the example batch whose collated shapes differ from
+    the example batch's (a padding collator pads to the longest item): an axis is exported
+    as dynamic only when these batches vary it, so every dynamic axis is checked.
     """
-    total = squares = None
-    samples = 0
-    for batch in DataLoader(dataset, batch_size=1024):
-        flat = _inputs(batch).reshape(len(batch[0]), -1).double()
-        total = flat.sum(0) if total is None else total + flat.sum(0)
-        squares = (flat * flat).sum(0) if squares is None else squares + (flat * flat).sum(0)
-        samples += len(flat)
-    assert total is not None and squares is not None
-    mean = total / samples
-    std = (squares / samples - mean * mean).clamp(min=0).sqrt()
-    return {"samples": samples, "mean": mean.tolist(), "std": std.tolist()}
+    def batch(start: int, count: int) -> Any:
+        return collate([items[(start + i) % len(items)] for i in range(count)])
+
+    example = batch(0, batch_size)
+    shapes = _shapes(example)
+    single = next((candidate for candidate in (batch(batch_size + i, 1) for i in range(SCAN_FOR_SHAPES))
+                   if [s[1:] for s in _shapes(candidate)] != [s[1:] for s in shapes]),
+                  batch(batch_size, 1))
+    other = max(batch_size // 2 + 1, 3) if batch_size != 3 else 2
+    return [example, single, batch(batch_size + 1, other)]
 
 
-def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], run: RunModel, batch_size: int
+def _shapes(batch: Any) -> list[tuple[int, ...]]:
+    """The shapes of the tensors in a batch, in order (for comparing batches)."""
+    if isinstance(batch, torch.Tensor):
+        return [tuple(batch.shape)]
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    return [shape for value in values for shape in _shapes(value)]
+
+
+@dataclass
+class Axes:
+    """Which axes of each input (and of the output) are dynamic, and their names.
+
+    Axis 0 is the batch. Another axis is dynamic when the check batches vary its length;
+    dynamic axes whose lengths agree in every check batch are one axis (a padded
+    sequence in ``input_ids`` and ``attention_mask``) with one name.
+    """
+
+    inputs: list[list[int | str]]
+    output: list[int | str]
+
+    @classmethod
+    def of(cls, batches: list[Inputs], outputs: list[torch.Tensor]) -> Axes:
+        groups: dict[tuple[int, ...], str] = {}
+
+        def shape(lengths: list[torch.Size], new_names: bool) -> list[int | str]:
+            named: list[int | str] = [BATCH_AXIS]
+            for axis in range(1, len(lengths[0])):
+                sizes = tuple(int(size[axis]) for size in lengths)
+                if len(set(sizes)) == 1:
+                    named.append(sizes[0])
+                    continue
+                if sizes not in groups and new_names:
+                    groups[sizes] = SEQUENCE_AXIS if not groups else f"{SEQUENCE_AXIS}_{len(groups) + 1}"
+                named.append(groups.get(sizes, "dynamic"))
+            return named
+
+        inputs = [shape([batch[i].shape for batch in batches], True) for i in range(len(batches[0]))]
+        return cls(inputs, shape([output.shape for output in outputs], False))
+
+    def dynamic_shapes(self) -> tuple[tuple[dict[int, Any], ...]]:
+        """``dynamic_shapes`` for :class:`Prediction`'s ``*inputs``: every named axis dynamic.
+
+        ``Dim.DYNAMIC`` lets torch.export find each axis' range and the equalities between
+        inputs itself (a Hugging Face model's position table bounds its sequence length).
+        """
+        return (tuple({axis: torch.export.Dim.DYNAMIC for axis, size in enumerate(shape)
+                       if isinstance(size, str)} for shape in self.inputs),)
+
+    def limits(self, program: torch.export.ExportedProgram) -> dict[str, int]:
+        """The largest length of each named non-batch axis that ``program`` accepts, where bounded."""
+        placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+        limits: dict[str, int] = {}
+        for name, shape in zip(program.graph_signature.user_inputs, self.inputs):
+            value = placeholders[name].meta["val"]
+            for axis, size in enumerate(shape):
+                if not isinstance(size, str) or size == BATCH_AXIS:
+                    continue
+                upper = program.range_constraints.get(value.shape[axis].node.expr)
+                if upper is not None and upper.upper.is_finite:
+                    limits[size] = min(int(upper.upper), limits.get(size, int(upper.upper)))
+        return limits
+
+
+def input_stats(run: RunModel, layout: InputLayout, axes: Axes) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """Per input, the mean and (population) std of every feature over the training data; and
+    per integer input, its smallest and largest value.
+
+    Features are the elements of one flattened example, for the inputs whose examples all
+    have one shape (no dynamic axis besides the batch); float64 sums keep the statistics
+    exact enough for drift monitoring whatever the data set's size.
+    """
+    sums: dict[str, list[Any]] = {}  # name -> [Σx, Σx², samples]
+    extremes: dict[str, list[int]] = {}
+    for batch in run.loader(run.train_dataset, 1024):
+        for name, tensor, shape in zip(layout.names, layout.tensors(batch), axes.inputs):
+            if not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
+                low, high = extremes.get(name, [int(tensor.min()), int(tensor.max())])
+                extremes[name] = [min(low, int(tensor.min())), max(high, int(tensor.max()))]
+            if all(isinstance(size, int) for size in shape[1:]):
+                flat = tensor.reshape(len(tensor), -1).double()
+                total = sums.setdefault(name, [0.0, 0.0, 0])
+                total[0] = total[0] + flat.sum(0)
+                total[1] = total[1] + (flat * flat).sum(0)
+                total[2] += len(flat)
+    stats = {}
+    for name, (total, squares, samples) in sums.items():
+        mean = total / samples
+        std = (squares / samples - mean * mean).clamp(min=0).sqrt()
+        stats[name] = {"samples": samples, "mean": mean.tolist(), "std": std.tolist()}
+    return stats, extremes
+
+
+def evaluate(predict: Callable[..., torch.Tensor], run: RunModel, layout: InputLayout, batch_size: int
              ) -> dict[str, float]:
-    """Validation metrics of ``predict`` (inputs → outputs) over the whole validation set.
+    """Validation metrics of ``predict`` (input tensors → prediction) over the whole validation set.
 
     The same accumulator as training's validation, so the numbers compare with ``val/...``
-    in the run's metrics.jsonl.
+    in the run's metrics.jsonl; the loss is ``loss.name`` on the prediction (what a model
+    that computes its own loss computes, for cross entropy). Empty when the batches carry
+    no targets.
     """
-    accumulator = MetricAccumulator(run.task, torch.device("cpu"))
+    accumulator = MetricAccumulator(run.task, torch.device("cpu"), run.label_shift)
     with torch.no_grad():
-        for batch in DataLoader(run.val_dataset, batch_size=batch_size):
-            inputs, targets = _inputs(batch), batch[1]
-            outputs = predict(inputs)
-            accumulator.update(outputs, targets, run.loss_fn(outputs, targets))
+        for batch in run.loader(run.val_dataset, batch_size):
+            targets = split_batch(batch, layout.target_key).targets
+            if not isinstance(targets, torch.Tensor):
+                return {}
+            prediction = predict(*layout.tensors(batch))
+            shift = run.label_shift
+            loss = (run.loss_fn(prediction[..., :-shift, :], targets[..., shift:]) if shift
+                    else run.loss_fn(prediction, targets))
+            accumulator.update(loss, prediction, targets, samples_in(batch))
     metrics = accumulator.compute(lambda totals: totals)
     return {key: float(metrics[key]) for key in _METRIC_KEYS if key in metrics}
 
@@ -213,8 +409,36 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], run: RunModel, bat
 # Exporters: each writes its file and returns a callable that runs the file, and what
 # the manifest should say about the file besides its checks.
 
-Runner = Callable[[torch.Tensor], torch.Tensor]
+Runner = Callable[..., torch.Tensor]
+"""Runs an exported file: input tensors (the layout's order) → the prediction."""
 Exported = tuple[Runner, dict[str, Any]]
+
+
+@dataclass
+class ExportSubject:
+    """What every format exports: the model's :class:`Prediction`, an example, the dynamic axes."""
+
+    module: Prediction
+    example: Inputs
+    names: tuple[str, ...]
+    axes: Axes
+    _program: torch.export.ExportedProgram | None = None
+
+    def program(self) -> torch.export.ExportedProgram:
+        """The ``torch.export`` program (made once)."""
+        if self._program is None:
+            with _quiet():
+                self._program = torch.export.export(self.module, self.example,
+                                                    dynamic_shapes=self.axes.dynamic_shapes())
+        return self._program
+
+    def axis_limits(self) -> dict[str, int]:
+        """What torch.export found bounds the dynamic axes; empty when it cannot capture the model
+        (the formats report why: this is only a description)."""
+        try:
+            return self.axes.limits(self.program())
+        except Exception:  # noqa: BLE001 — the exporters' many kinds; the formats report them
+            return {}
 
 
 @contextlib.contextmanager
@@ -242,44 +466,44 @@ def _quiet() -> Iterator[None]:
         torch_log.setLevel(level)
 
 
-def _dynamic_batch() -> tuple[dict[int, Any]]:
-    """``dynamic_shapes`` for one input whose first dimension is the batch (1 or more)."""
-    return ({0: torch.export.Dim(BATCH_AXIS, min=1)},)
-
-
-def export_program(model: nn.Module, example: torch.Tensor, path: Path) -> Exported:
-    """``model.pt2``: ``torch.export`` with a dynamic batch axis, saved and loaded back."""
+def export_program(subject: ExportSubject, path: Path) -> Exported:
+    """``model.pt2``: ``torch.export`` with the dynamic axes, saved and loaded back."""
+    program = subject.program()
     with _quiet():
-        program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch())
         torch.export.save(program, path)
         loaded = torch.export.load(path).module()
     return loaded, {}
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Exported:
+def export_onnx(subject: ExportSubject, path: Path) -> Exported:
     """``model.onnx``: ``torch.onnx.export(dynamo=True)``, run back with onnxruntime.
 
     One self-contained file (no external weights file), so models up to ONNX's 2 GB limit.
     """
     with _quiet():
-        program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], dynamic_shapes=_dynamic_batch(),
+        program = torch.onnx.export(subject.module, subject.example, dynamo=True,
+                                    input_names=list(subject.names), output_names=[OUTPUT_NAME],
+                                    dynamic_shapes=subject.axes.dynamic_shapes(),
                                     external_data=False, verbose=False)
         assert program is not None
         program.save(path)
     opset = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    return onnx_runner(path), {"opset": opset}
+    return onnx_runner(path, subject.names), {"opset": opset}
 
 
-def onnx_runner(path: Path) -> Runner:
-    """Run an ONNX file with onnxruntime on torch tensors."""
+def onnx_runner(path: Path, names: tuple[str, ...]) -> Runner:
+    """Run an ONNX file with onnxruntime on torch tensors (its inputs in ``names`` order)."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda inputs: torch.from_numpy(session.run(None, {INPUT_NAME: inputs.numpy()})[0])
+
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        feed = {name: tensor.numpy() for name, tensor in zip(names, inputs)}
+        return torch.from_numpy(session.run(None, feed)[0])
+    return run
 
 
-def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> Exported:
+def export_torchscript(subject: ExportSubject, path: Path) -> Exported:
     """``model.ts``: ``torch.jit.trace`` (legacy), saved and loaded back.
 
     The tracer's warnings (a branch frozen, a Python value recorded as a constant) go
@@ -288,7 +512,7 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> E
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with _quiet_console():
-            traced = torch.jit.trace(model, example)
+            traced = torch.jit.trace(subject.module, subject.example)
             traced.save(str(path))
             loaded = torch.jit.load(str(path))
     tracer_warnings = sorted({first_line(w.message) for w in caught
@@ -296,7 +520,7 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> E
     return loaded, {"note": TORCHSCRIPT_NOTE, "tracer_warnings": tracer_warnings}
 
 
-EXPORTERS: dict[str, Callable[[nn.Module, torch.Tensor, Path], Exported]] = {
+EXPORTERS: dict[str, Callable[[ExportSubject, Path], Exported]] = {
     "onnx": export_onnx, "exported": export_program, "torchscript": export_torchscript}
 
 
@@ -323,7 +547,8 @@ def describe_failure(exc: BaseException) -> str:
     if "data-dependent" in text:
         construct = "data-dependent control flow or shape (Python code that reads tensor values): "
     elif "Constraints violated" in text or "specialized" in text:
-        construct = "the model fixes the batch size (a dynamic batch axis is required): "
+        construct = ("the model fixes the length of an axis the validation batches vary (the batch, "
+                     "or a padded sequence): ")
     return f"{construct}{type(root).__name__}: {first}{_model_frame(chain, text)}"
 
 
@@ -393,15 +618,15 @@ def _file_entry(path: Path) -> dict[str, Any]:
     return {"file": path.name, "sha256": sha256_of(path), "size_bytes": path.stat().st_size}
 
 
-def _max_abs_diff(runner: Runner, reference: list[torch.Tensor], batches: list[torch.Tensor]) -> float:
+def _max_abs_diff(runner: Runner, reference: list[torch.Tensor], batches: list[Inputs]) -> float:
     """Largest absolute difference between ``runner`` and the eager outputs over ``batches``."""
     worst = 0.0
     with torch.no_grad():
         for inputs, expected in zip(batches, reference):
-            got = runner(inputs)
+            got = runner(*inputs)
             if got.shape != expected.shape:
-                raise ExportFailed(f"answers a batch of {len(inputs)} with shape "
-                                   f"{tuple(got.shape)}, the model with {tuple(expected.shape)}")
+                raise ExportFailed(f"answers inputs of shapes {[list(t.shape) for t in inputs]} with "
+                                   f"shape {list(got.shape)}, the model with {list(expected.shape)}")
             worst = max(worst, float((got.double() - expected.double()).abs().max()))
     return worst
 
@@ -435,23 +660,28 @@ def export_run(request: ExportRequest) -> dict[str, Any]:
 
     config = run.config
     eval_batch = config.eval.batch_size or config.data.batch_size
-    batch_size = min(request.batch_size or eval_batch, max(len(run.val_dataset), 2))  # type: ignore[arg-type]
-    batch_size = max(batch_size, 2)
-    batches = check_batches(run.val_dataset, batch_size)
-    model = run.model
+    wanted = max(request.batch_size or eval_batch, 2)
+    items = first_items(run.val_dataset, wanted + SCAN_FOR_SHAPES + 1)
+    batch_size = max(min(wanted, len(items)), 2)
+    check = check_batches(items, batch_size, run.collate)
+    layout = InputLayout(run.model, config.data.target_key, check[0])
+    batches = [layout.tensors(batch) for batch in check]
+    model = Prediction(run.model, layout).eval()
 
     pruning = None
     if request.prune is not None:
-        before = evaluate(model, run, eval_batch)
+        before = evaluate(model, run, layout, eval_batch)
         pruning = prune_model(model, request.prune)
-        pruning.update(metrics_before=before, metrics_after=evaluate(model, run, eval_batch))
+        pruning.update(metrics_before=before, metrics_after=evaluate(model, run, layout, eval_batch))
         log.info("pruned %.0f%% of the weights: %s", 100 * pruning["weight_sparsity"],
                  _compare(before, pruning["metrics_after"]))
 
     with torch.no_grad():
-        reference = [model(inputs) for inputs in batches]
-    example, output = batches[0], reference[0]
-    sizes = [len(inputs) for inputs in batches]
+        reference = [model(*inputs) for inputs in batches]
+    axes = Axes.of(batches, reference)
+    subject = ExportSubject(model, batches[0], layout.names, axes)
+    output = reference[0]
+    sizes = [len(inputs[0]) for inputs in batches]
     formats: dict[str, Any] = {}
     runners: dict[str, Runner] = {}
     for fmt in FORMATS:
@@ -459,7 +689,7 @@ def export_run(request: ExportRequest) -> dict[str, Any]:
             continue
         path = out / FORMAT_FILES[fmt]
         try:
-            runners[fmt], details = EXPORTERS[fmt](model, example, path)
+            runners[fmt], details = EXPORTERS[fmt](subject, path)
             diff = _max_abs_diff(runners[fmt], reference, batches)
         except ExportFailed as exc:
             raise ExportFailed(f"{path.name}: {exc}") from None
@@ -478,13 +708,13 @@ def export_run(request: ExportRequest) -> dict[str, Any]:
     if request.quantize is not None:
         path = out / FORMAT_FILES["onnx_int8"]
         quantize_int8(out / FORMAT_FILES["onnx"], path)
-        quantized = onnx_runner(path)
+        quantized = onnx_runner(path, layout.names)
         formats["onnx_int8"] = {**_file_entry(path),
                                 "max_abs_diff": _max_abs_diff(quantized, reference, batches),
                                 "checked_batch_sizes": sizes,
                                 "note": "quantized: differs from the model by design, see quantization"}
-        before = evaluate(runners["onnx"], run, eval_batch)
-        after = evaluate(quantized, run, eval_batch)
+        before = evaluate(runners["onnx"], run, layout, eval_batch)
+        after = evaluate(quantized, run, layout, eval_batch)
         quantization = {"method": QUANTIZATION_METHOD, "dtype": request.quantize,
                         "fp32_size_bytes": formats["onnx"]["size_bytes"],
                         "int8_size_bytes": formats["onnx_int8"]["size_bytes"],
@@ -492,22 +722,26 @@ def export_run(request: ExportRequest) -> dict[str, Any]:
                         "metrics_before": before, "metrics_after": after}
         log.info("int8: %.2fx the fp32 size; %s", quantization["size_ratio"], _compare(before, after))
 
+    stats, extremes = input_stats(run, layout, axes)
+    ranges = _integer_ranges(run, layout, extremes)
     manifest = {
         "format_version": FORMAT_VERSION,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": {"run_dir": str(request.run_dir.resolve()), "model_file": "model.pt",
                    "model_sha256": sha256_of(request.run_dir / "model.pt"),
                    "model": {"name": config.model.name, "args": config.model.args},
-                   "data": {"name": config.data.name, "args": config.data.args},
+                   "data": {"name": config.data.name, "args": config.data.args,
+                            "collate": config.data.collate},
                    "parity_data": "training set (the run has no validation set)" if run.val_is_train
                    else "validation set"},
         "task": run.task,
         "num_classes": int(output.shape[-1]) if run.task in ("classification", "language_model") else None,
-        "input": {"name": INPUT_NAME, "shape": [BATCH_AXIS, *example.shape[1:]],
-                  "dtype": str(example.dtype).removeprefix("torch."), **_integer_range(run, example)},
-        "output": {"name": OUTPUT_NAME, "shape": [BATCH_AXIS, *output.shape[1:]],
-                   "dtype": str(output.dtype).removeprefix("torch.")},
-        "input_stats": input_stats(run.train_dataset),
+        "inputs": [{"name": name, "shape": shape, "dtype": _dtype_name(tensor),
+                    **({"range": ranges[name]} if name in ranges else {})}
+                   for name, shape, tensor in zip(layout.names, axes.inputs, batches[0])],
+        "axis_limits": subject.axis_limits(),
+        "output": {"name": OUTPUT_NAME, "shape": axes.output, "dtype": _dtype_name(output)},
+        "input_stats": stats,
         "example_batch_size": batch_size,
         "parity_tolerance": request.tolerance,
         "formats": formats,
@@ -519,22 +753,23 @@ def export_run(request: ExportRequest) -> dict[str, Any]:
     return manifest
 
 
-def _integer_range(run: RunModel, example: torch.Tensor) -> dict[str, list[int]]:
-    """``{"range": [low, high]}`` for integer inputs (token ids), which index an embedding.
+def _dtype_name(tensor: torch.Tensor) -> str:
+    """``float32``, ``int64``, ...: the numpy name of a tensor's dtype."""
+    return str(tensor.dtype).removeprefix("torch.")
 
-    The data set's ``vocab_size`` hint when it gives one, else the training data's extremes.
+
+def _integer_ranges(run: RunModel, layout: InputLayout, extremes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """``[low, high]`` per integer input: the values the server accepts.
+
+    Token ids (the only input, or ``input_ids``) index an embedding: ``[0, vocab_size - 1]``
+    from the data set's ``vocab_size`` hint or a Hugging Face model's config. Other integer
+    inputs (an attention mask) keep to the training data's extremes.
     """
-    if example.dtype.is_floating_point or example.dtype.is_complex:
-        return {}
-    vocab = getattr(run.train_dataset, "model_hints", {}).get("vocab_size")
-    if vocab is not None:
-        return {"range": [0, int(vocab) - 1]}
-    low = high = None
-    for batch in DataLoader(run.train_dataset, batch_size=1024):
-        inputs = _inputs(batch)
-        low = int(inputs.min()) if low is None else min(low, int(inputs.min()))
-        high = int(inputs.max()) if high is None else max(high, int(inputs.max()))
-    return {"range": [low, high]}
+    vocab = (getattr(run.train_dataset, "model_hints", {}).get("vocab_size")
+             or getattr(getattr(run.model, "config", None), "vocab_size", None))
+    token_ids = layout.names[0] if len(layout.names) == 1 else "input_ids"
+    return {name: ([0, int(vocab) - 1] if vocab is not None and name == token_ids else extremes[name])
+            for name in layout.names if name in extremes}
 
 
 def _compare(before: dict[str, float], after: dict[str, float]) -> str:
@@ -546,11 +781,16 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     """The ``export`` command line."""
     parser = argparse.ArgumentParser(
         prog=f"{prog} export", description="Export a finished run's model (config.yaml + model.pt) "
-        "with a dynamic batch axis, check every file against the model on real validation batches "
+        "with its named inputs (one tensor, or e.g. input_ids and attention_mask) and dynamic batch "
+        "and sequence axes, check every file against the model on real validation batches "
         "(a difference over the tolerance fails, exit 1), and write manifest.json: input/output "
         "names, shapes and dtypes, checksums, the differences, the task and the training inputs' "
-        "mean/std for drift monitoring. ONNX needs: pip install \"ddp_train[export]\".")
-    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a finished run directory")
+        "mean/std for drift monitoring. ONNX needs: pip install \"ddp_train[export]\". "
+        "Trust: this imports and runs the package.module:attr factories (model, data, collate, "
+        "loss) that RUN_DIR/config.yaml names, so export only run directories you made or trust; "
+        "model.pt itself is loaded with weights_only=True.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path,
+                        help="a finished run directory (its config.yaml is code: see Trust above)")
     parser.add_argument("--format", default="all", choices=("onnx", "exported", "torchscript", "all"),
                         help="model.onnx (torch.onnx, dynamo), model.pt2 (torch.export), model.ts "
                              "(torch.jit.trace, legacy) or all three (default)")

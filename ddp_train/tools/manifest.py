@@ -6,11 +6,18 @@ input it must validate, the task, which file to load, and the training statistic
 input drift is measured against. This module does not import torch, so the onnxruntime
 server starts without it.
 
-Layout (``FORMAT_VERSION`` 1)::
+Layout (``FORMAT_VERSION`` 2)::
 
-    input / output   {"name", "shape": ["batch", d1, ...], "dtype"}   batch is dynamic
+    inputs           [{"name", "shape": ["batch", "sequence", d2, ...], "dtype", "range"?}, ...]
+                     in the order the exported graph takes them; a string in a shape names a
+                     dynamic axis (several inputs naming one axis share its length), a number
+                     is fixed; "range": [low, high] for integer inputs (token ids)
+    axis_limits      {"sequence": 512, ...}  the largest length torch.export found a dynamic
+                     axis may take (absent: no limit found)
+    output           {"name", "shape", "dtype"}
     task, num_classes
-    input_stats      {"samples", "mean": [...], "std": [...]}  per feature of a flattened example
+    input_stats      {input name: {"samples", "mean": [...], "std": [...]}}  per feature of a
+                     flattened example, for the inputs without a dynamic axis besides the batch
     formats          {"onnx" | "exported" | "torchscript" | "onnx_int8":
                       {"file", "sha256", "size_bytes", "max_abs_diff", "checked_batch_sizes", ...}}
     parity_tolerance, example_batch_size, quantization, pruning, source, versions, created_utc
@@ -27,13 +34,15 @@ from ddp_train.checkpoint.atomic import atomic_write
 from ddp_train.errors import UsageError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BATCH_AXIS = "batch"
-"""The name of the dynamic first dimension in the manifest's shapes and the ONNX graph."""
+"""The name of the dynamic first dimension in the manifest's shapes."""
+SEQUENCE_AXIS = "sequence"
+"""The name of the first other dynamic axis (a padded sequence); further ones are numbered."""
 FORMAT_FILES = {"onnx": "model.onnx", "exported": "model.pt2", "torchscript": "model.ts",
                 "onnx_int8": "model.int8.onnx"}
 """The file each format is written to inside the export directory."""
-_REQUIRED = ("format_version", "input", "output", "task", "input_stats", "formats")
+_REQUIRED = ("format_version", "inputs", "output", "task", "input_stats", "formats")
 
 
 def sha256_of(path: Path) -> str:
@@ -52,13 +61,19 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
+def is_unexported_run(path: Path) -> bool:
+    """Whether ``path`` is a finished run directory with no export in it or in its ``export/``."""
+    return ((path / "model.pt").is_file() and not (path / MANIFEST_NAME).is_file()
+            and not (path / "export" / MANIFEST_NAME).is_file())
+
+
 def find_export_dir(path: Path) -> Path:
     """The export directory ``path`` names: itself, or a run directory's ``export/``."""
     if (path / MANIFEST_NAME).is_file():
         return path
     if (path / "export" / MANIFEST_NAME).is_file():
         return path / "export"
-    if (path / "model.pt").is_file():
+    if is_unexported_run(path):
         raise UsageError("PATH", f"{str(path)!r} is a run directory that has not been exported "
                                  f"yet: run 'ddp-train export {path}' first")
     reason = "does not exist" if not path.exists() else f"holds no {MANIFEST_NAME}"

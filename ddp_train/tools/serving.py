@@ -2,15 +2,24 @@
 
 Endpoints:
 
-* ``POST /predict`` with ``{"inputs": [...]}``: one example (the manifest's input shape
-  without the batch axis) or a batch of them → ``{"outputs": [...], "predictions": [...]}``
-  (predictions: the argmax class for classification and language models, the outputs
-  otherwise; unbatched for one example). The body is parsed and checked here, against
-  the manifest, rather than by a pydantic model: every bad request gets a 4xx whose
-  ``error`` says what was expected — 400 malformed JSON, 413 body or batch too large,
-  422 wrong keys, type, shape or non-finite numbers.
+* ``POST /predict`` with ``{"inputs": [...]}`` (a model with one input) or ``{"inputs":
+  {"input_ids": [...], "attention_mask": [...]}}`` (each input by name, any model): one
+  example (the manifest's input shape without the batch axis) or a batch of them →
+  ``{"outputs": [...], "predictions": [...]}`` (predictions: the argmax class for
+  classification and language models, the outputs otherwise; unbatched for one example).
+  The body is parsed and checked here, against the manifest, rather than by a pydantic
+  model: every bad request gets a 4xx whose ``error`` says what was expected, naming the
+  input — 400 malformed JSON, 408 a body that does not arrive in time, 413 body or batch
+  too large, 422 wrong keys, type, shape (a dynamic axis too long, inputs disagreeing on
+  a shared axis) or non-finite numbers. Parsing, the model and encoding the answer run on
+  worker threads, never on the event loop. A failure of the model is a 500 with a
+  generic body and an id; the exception's text goes to the server log only.
 * ``GET /healthz`` (the process answers), ``GET /readyz`` (the model is loaded and
-  answered a warm-up batch), ``GET /metrics`` (Prometheus text format).
+  answered a warm-up batch), ``GET /metrics`` (Prometheus text format; input drift only
+  as aggregates over windows of at least ``--drift-min-samples`` requests).
+
+uvicorn runs with a limit on concurrent connections and requests (503 beyond it) and
+keep-alive, body and shutdown timeouts.
 
 The onnxruntime backend does not import torch (nor does this module, nor the
 ``ddp_train`` modules it imports), so a server starts in about a second and needs a
@@ -23,13 +32,16 @@ import json
 import logging
 import re
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import anyio
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -41,13 +53,15 @@ from starlette.requests import ClientDisconnect
 
 from ddp_train.errors import UsageError, first_line
 from ddp_train.extras import require
-from ddp_train.tools.manifest import find_export_dir, format_file, read_manifest
+from ddp_train.tools.manifest import BATCH_AXIS, find_export_dir, format_file, read_manifest
 
 log = logging.getLogger("ddp_train")
 
 ENDPOINTS = ("/predict", "/healthz", "/readyz", "/metrics")
 PER_FEATURE_DRIFT_LIMIT = 64
-"""Inputs with at most this many features get a drift gauge per feature (else summaries only)."""
+"""Models with at most this many input features get a drift gauge per feature (else summaries only)."""
+MAX_TIMEOUT_S = 86400.0
+"""The longest timeout an option takes (a day): beyond, a typo rather than a choice."""
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 Scope = MutableMapping[str, Any]
@@ -69,6 +83,12 @@ class ServeOptions:
     max_body_bytes: int = 8 << 20
     threads: int = 1
     drift_window: int = 1000
+    drift_min_samples: int = 100
+    """Requests summed into one published drift update (no gauge reflects fewer)."""
+    max_concurrency: int = 64
+    keep_alive_timeout: float = 5.0
+    body_timeout: float = 30.0
+    shutdown_timeout: float = 10.0
 
 
 class BadRequest(Exception):
@@ -85,26 +105,137 @@ class BadRequest(Exception):
 
 
 class InputSpec:
-    """The input the manifest describes, and the parsing of request bodies against it."""
+    """One input the manifest describes: its name, example shape, dtype and value range.
 
-    def __init__(self, manifest: dict[str, Any], max_batch: int) -> None:
-        self.example_shape = tuple(int(d) for d in manifest["input"]["shape"][1:])
-        self.dtype = np.dtype(manifest["input"]["dtype"])
+    The example shape holds numbers (fixed lengths) and names (dynamic axes, such as a
+    padded ``sequence``; several inputs naming one axis must agree on its length).
+    """
+
+    def __init__(self, entry: dict[str, Any], limits: dict[str, int]) -> None:
+        self.name: str = entry["name"]
+        self.example_shape: tuple[int | str, ...] = tuple(
+            size if isinstance(size, str) else int(size) for size in entry["shape"][1:])
+        self.dtype = np.dtype(entry["dtype"])
         self.integers = self.dtype.kind in "iu"
         self.range: list[int] | None = None
         if self.integers:
             # Token ids index an embedding: outside its range the model itself would fail.
             info = np.iinfo(self.dtype)
-            self.range = manifest["input"].get("range") or [int(info.min), int(info.max)]
+            self.range = entry.get("range") or [int(info.min), int(info.max)]
+        self.limits = {axis: limits[axis] for axis in self.example_shape if axis in limits}
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether an example's shape has a dynamic axis (its examples differ in length)."""
+        return any(isinstance(size, str) for size in self.example_shape)
+
+    def shape_text(self, max_batch: int) -> str:
+        """The accepted shapes, for error messages."""
+        one = [str(size) for size in self.example_shape]
+        text = f"[{', '.join(one)}] for one example or [N{''.join(', ' + d for d in one)}] for a batch of N ≤ {max_batch}"
+        axes = [size for size in self.example_shape if isinstance(size, str)]
+        if axes:
+            text += " (" + "; ".join(f"{axis}: any length ≥ 1" + (f" up to {self.limits[axis]}" if axis in self.limits
+                                                                     else "") for axis in axes) + ")"
+        return text
+
+    def values(self, value: Any, label: str, max_batch: int, booleans: bool) -> np.ndarray:
+        """``value`` as an array of numbers of this input's kind, not yet converted.
+
+        ``booleans``: whether the body holds a ``true``/``false`` token somewhere.
+        """
+        expected = f"{'integers' if self.integers else 'numbers'} ({self.dtype.name})"
+        if not isinstance(value, list):
+            raise BadRequest(422, f"{label}: expected a (nested) list of {expected} of shape "
+                                  f"{self.shape_text(max_batch)}, got a JSON {_json_type(value)}")
+        if not value:
+            raise BadRequest(422, f"{label}: expected at least one example of shape "
+                                  f"{list(self.example_shape)}, got an empty list")
+        try:
+            array = np.asarray(value)
+        except (ValueError, RecursionError):
+            pad = " (pad them to one length; attention_mask marks the padding)" if self.dynamic else ""
+            raise BadRequest(422, f"{label}: expected a rectangular array of shape {self.shape_text(max_batch)}, "
+                                  f"but its rows differ in length or depth{pad}") from None
+        # numpy turns a mix of booleans and numbers into numbers without a word. In a body
+        # whose only key is "inputs" and whose inputs hold no strings (else the dtype is not
+        # numeric), a true/false token is exactly such a boolean: a regex finds it fast.
+        if array.dtype.kind not in ("iu" if self.integers else "iuf") or booleans:
+            bad = _first_non_number(value, integers=self.integers)
+            if bad is not None:
+                where, item = bad
+                raise BadRequest(422, f"{label}: expected {expected}, got {_describe(item)} at {where}")
+            if array.dtype.kind not in "iuf":  # every leaf a number, yet no numeric array
+                raise BadRequest(422, f"{label}: expected {expected} that fit in {self.dtype.name}")
+        return array
+
+    def lengths(self, array: np.ndarray, label: str, max_batch: int) -> tuple[bool, dict[str, int]]:
+        """Whether ``array`` is one example, and the length of each named axis (the batch's too)."""
+        rank = len(self.example_shape)
+        if array.ndim not in (rank, rank + 1):
+            raise BadRequest(422, f"{label}: expected shape {self.shape_text(max_batch)}, got {list(array.shape)}")
+        single = array.ndim == rank
+        lengths = {BATCH_AXIS: 1 if single else len(array)}
+        for expected, got in zip(self.example_shape, array.shape[0 if single else 1:]):
+            if isinstance(expected, int):
+                if got != expected:
+                    raise BadRequest(422, f"{label}: expected shape {self.shape_text(max_batch)}, "
+                                          f"got {list(array.shape)}")
+                continue
+            if got < 1 or got > self.limits.get(expected, got):
+                raise BadRequest(422, f"{label}: its {expected} axis has length {got}; expected shape "
+                                      f"{self.shape_text(max_batch)}")
+            lengths[expected] = got
+        return single, lengths
+
+    def convert(self, array: np.ndarray, label: str, single: bool) -> np.ndarray:
+        """``array`` as a batch of this input's dtype; 422 for values out of range or not finite."""
+        batch = array[None] if single else array
+        if self.range is not None:
+            low, high = self.range
+            outside = (array < low) | (array > high)
+            if outside.any():
+                where = [int(i) for i in np.argwhere(outside)[0]] if array.ndim else []
+                raise BadRequest(422, f"{label}: expected integers in [{low}, {high}] (the model's input "
+                                      f"range), got {int(array[tuple(where)])} at {where}")
+            return batch.astype(self.dtype, copy=False)
+        converted = batch.astype(self.dtype)
+        if not np.isfinite(converted).all():
+            where = [int(i) for i in np.argwhere(~np.isfinite(converted))[0]]
+            if single:
+                where = where[1:]
+            value = float(array[tuple(where)])
+            beyond = f" (beyond {self.dtype.name}'s range)" if np.isfinite(value) else ""
+            raise BadRequest(422, f"{label}: expected finite {self.dtype.name} numbers, got "
+                                  f"{value!r}{beyond} at {where}")
+        return converted
+
+
+class ModelInputs:
+    """The model's inputs, and the parsing of request bodies against them.
+
+    ``{"inputs": [...]}`` for a model with one input; ``{"inputs": {"input_ids": [...],
+    "attention_mask": [...]}}`` names each input (any model).
+    """
+
+    def __init__(self, manifest: dict[str, Any], max_batch: int) -> None:
+        limits = manifest.get("axis_limits") or {}
+        self.specs = [InputSpec(entry, limits) for entry in manifest["inputs"]]
         self.max_batch = max_batch
 
-    def _shape_text(self) -> str:
-        """The accepted input shapes, for error messages."""
-        one = list(self.example_shape)
-        return f"{one} for one example or [N, {', '.join(map(str, one))}] for a batch of N ≤ {self.max_batch}"
+    @property
+    def names(self) -> list[str]:
+        """The input names, in the order the model takes them."""
+        return [spec.name for spec in self.specs]
 
-    def parse(self, body: bytes) -> tuple[np.ndarray, bool]:
-        """The batch a body carries, as the model's dtype, and whether it was one example."""
+    def warm_up_batch(self) -> dict[str, np.ndarray]:
+        """A batch of one example, every dynamic axis of length 1, every value the lowest allowed."""
+        return {spec.name: np.full((1, *(1 if isinstance(size, str) else size for size in spec.example_shape)),
+                                   spec.range[0] if spec.range is not None else 0, dtype=spec.dtype)
+                for spec in self.specs}
+
+    def parse(self, body: bytes) -> tuple[dict[str, np.ndarray], bool]:
+        """The batch a body carries, each input as the model's dtype, and whether it was one example."""
         if not body.strip():
             raise BadRequest(400, 'request body is empty; expected JSON {"inputs": [...]}')
         try:
@@ -121,57 +252,55 @@ class InputSpec:
         extra = sorted(set(payload) - {"inputs"})
         if extra:
             raise BadRequest(422, f"unexpected key {extra[0]!r}; the body holds only 'inputs'")
-        return self._array(payload["inputs"], body)
-
-    def _array(self, inputs: Any, body: bytes) -> tuple[np.ndarray, bool]:
-        """``inputs`` checked against the manifest, as an array; and whether it was one example."""
-        expected = f"{'integers' if self.integers else 'numbers'} ({self.dtype.name})"
-        if not isinstance(inputs, list):
-            raise BadRequest(422, f"inputs: expected a (nested) list of {expected} of shape "
-                                  f"{self._shape_text()}, got a JSON {_json_type(inputs)}")
-        if not inputs:
-            raise BadRequest(422, f"inputs: expected at least one example of shape "
-                                  f"{list(self.example_shape)}, got an empty list")
-        try:
-            array = np.asarray(inputs)
-        except (ValueError, RecursionError):
-            raise BadRequest(422, f"inputs: expected a rectangular array of shape {self._shape_text()}, "
-                                  f"but its rows differ in length or depth") from None
-        # numpy turns a mix of booleans and numbers into numbers without a word. In a body
-        # whose only key is "inputs" and whose inputs hold no strings (else the dtype is not
-        # numeric), a true/false token is exactly such a boolean: a regex finds it fast.
-        if array.dtype.kind not in ("iu" if self.integers else "iuf") or _BOOLEAN.search(body):
-            bad = _first_non_number(inputs, integers=self.integers)
-            if bad is not None:
-                where, value = bad
-                raise BadRequest(422, f"inputs: expected {expected}, got {_describe(value)} at {where}")
-            if array.dtype.kind not in "iuf":  # every leaf a number, yet no numeric array
-                raise BadRequest(422, f"inputs: expected {expected} that fit in {self.dtype.name}")
-        single = array.shape == self.example_shape
-        if not single and array.shape[1:] != self.example_shape:
-            raise BadRequest(422, f"inputs: expected shape {self._shape_text()}, got {list(array.shape)}")
-        batch = array[None] if single else array
-        if len(batch) > self.max_batch:
-            raise BadRequest(413, f"inputs: a batch of {len(batch)} examples is over this server's "
+        named = self._named(payload["inputs"])
+        # Errors name the input: "inputs" itself when it is the list of the only input.
+        labels = {name: "inputs" if isinstance(payload["inputs"], list) else f"inputs.{name}" for name in named}
+        booleans = _BOOLEAN.search(body) is not None
+        arrays, shapes, lengths = {}, {}, {}
+        for spec in self.specs:
+            arrays[spec.name] = spec.values(named[spec.name], labels[spec.name], self.max_batch, booleans)
+            shapes[spec.name], lengths[spec.name] = spec.lengths(arrays[spec.name], labels[spec.name],
+                                                                 self.max_batch)
+        single = self._agree(shapes, lengths)
+        size = 1 if single else len(next(iter(arrays.values())))
+        if size > self.max_batch:
+            raise BadRequest(413, f"inputs: a batch of {size} examples is over this server's "
                                   f"limit of {self.max_batch} (--max-batch); split it")
-        if self.range is not None:
-            low, high = self.range
-            outside = (array < low) | (array > high)
-            if outside.any():
-                where = [int(i) for i in np.argwhere(outside)[0]] if array.ndim else []
-                raise BadRequest(422, f"inputs: expected integers in [{low}, {high}] (the model's input "
-                                      f"range), got {int(array[tuple(where)])} at {where}")
-            return batch.astype(self.dtype, copy=False), single
-        converted = batch.astype(self.dtype)
-        if not np.isfinite(converted).all():
-            where = [int(i) for i in np.argwhere(~np.isfinite(converted))[0]]
-            if single:
-                where = where[1:]
-            value = float(array[tuple(where)])
-            beyond = f" (beyond {self.dtype.name}'s range)" if np.isfinite(value) else ""
-            raise BadRequest(422, f"inputs: expected finite {self.dtype.name} numbers, got "
-                                  f"{value!r}{beyond} at {where}")
-        return converted, single
+        return {spec.name: spec.convert(arrays[spec.name], labels[spec.name], single) for spec in self.specs}, single
+
+    def _named(self, inputs: Any) -> dict[str, Any]:
+        """``inputs`` by input name: a list is the one input; an object must name every input."""
+        names = self.names
+        if isinstance(inputs, dict):
+            missing = [name for name in names if name not in inputs]
+            unexpected = sorted(set(inputs) - set(names))
+            if missing or unexpected:
+                problem = (f"lacks {missing[0]!r}" if missing else f"has {unexpected[0]!r}, which the model does not take")
+                raise BadRequest(422, f"inputs: expected the model's inputs {names}, but the object {problem}")
+            return inputs
+        if len(names) == 1:
+            return {names[0]: inputs}
+        example = ", ".join(f'"{name}": [...]' for name in names)
+        raise BadRequest(422, f"inputs: this model takes several inputs: expected an object "
+                              f"{{{example}}}, got a JSON {_json_type(inputs)}")
+
+    def _agree(self, shapes: dict[str, bool], lengths: dict[str, dict[str, int]]) -> bool:
+        """Whether the request is one example; 422 unless every input is, or every input is a
+        batch, and inputs that share an axis give it one length."""
+        first = self.specs[0].name
+        for name, single in shapes.items():
+            if single != shapes[first]:
+                kinds = {True: "one example", False: "a batch"}
+                raise BadRequest(422, f"inputs: {first!r} is {kinds[shapes[first]]} but {name!r} is "
+                                      f"{kinds[single]}: send all inputs alike")
+        seen: dict[str, tuple[str, int]] = {}
+        for name, axes in lengths.items():
+            for axis, length in axes.items():
+                other, known = seen.setdefault(axis, (name, length))
+                if known != length:
+                    raise BadRequest(422, f"inputs: {other!r} and {name!r} share the {axis} axis but have "
+                                          f"lengths {known} and {length} along it")
+        return shapes[first]
 
 
 _BOOLEAN = re.compile(rb"\b(?:true|false)\b")
@@ -232,14 +361,14 @@ def _first_non_number(value: Any, integers: bool) -> tuple[list[int], Any] | Non
 class Backend(Protocol):
     """What runs the model: :class:`OnnxBackend`, or the torch backend of :mod:`.serving_torch`."""
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """The model's output for ``batch``."""
+    def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """The model's output for ``batch`` (its inputs by name)."""
 
 
 class OnnxBackend:
     """An ONNX file run with onnxruntime on the CPU; no torch."""
 
-    def __init__(self, path: Path, input_name: str, threads: int) -> None:
+    def __init__(self, path: Path, threads: int) -> None:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -248,11 +377,10 @@ class OnnxBackend:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = input_name
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """The model's first output for ``batch``."""
-        return self.session.run(None, {self.input_name: batch})[0]
+        return self.session.run(None, batch)[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,40 +388,70 @@ class OnnxBackend:
 
 
 class DriftMonitor:
-    """Running mean of the served inputs against the training inputs' mean and std.
+    """Input drift against the training inputs' mean and std, published only in aggregates.
 
-    The mean is over all inputs until ``window`` samples have been seen, then
-    exponentially weighted with that window, so it follows a shift in what clients send.
-    Drift per feature is the z-score of the running mean, ``(mean - train_mean) /
-    train_std``; features constant in the training data (std 0) are left out.
+    Features are the elements of a flattened example of each input the manifest has
+    statistics for (the inputs of one fixed shape). Requests are summed into a window;
+    when it holds ``min_requests`` requests, its mean is folded into the published
+    running mean — over all windows until ``window`` examples have been folded, then
+    exponentially weighted with that span, so it follows a shift in what clients send —
+    and the window starts again. Between two folds nothing published moves: two scrapes
+    around one request say nothing about that request's inputs, only about the mean of
+    at least ``min_requests`` requests. Drift per feature is the z-score of the running
+    mean, ``(mean - train_mean) / train_std``; features constant in the training data
+    (std 0) are left out.
     """
 
-    def __init__(self, stats: dict[str, Any], window: int) -> None:
-        self.train_mean = np.asarray(stats["mean"], dtype=np.float64)
-        std = np.asarray(stats["std"], dtype=np.float64)
+    def __init__(self, stats: dict[str, dict[str, Any]], window: int, min_requests: int) -> None:
+        self.inputs = list(stats)
+        self.labels = [(name, str(index)) for name in self.inputs for index in range(len(stats[name]["mean"]))]
+        self.train_mean = np.asarray([m for name in self.inputs for m in stats[name]["mean"]], dtype=np.float64)
+        std = np.asarray([s for name in self.inputs for s in stats[name]["std"]], dtype=np.float64)
         self.varying = std > 0
         self.train_std = np.where(self.varying, std, 1.0)
         self.window = window
+        self.min_requests = min_requests
         self.mean = np.zeros_like(self.train_mean)
-        self.samples = 0
+        self.samples = 0  # examples folded into the published mean
+        self.pending_sum = np.zeros_like(self.train_mean)
+        self.pending_samples = self.pending_requests = 0
+        # Requests are answered on worker threads; scrapes read on the event loop.
+        self.lock = threading.Lock()
 
-    def update(self, batch: np.ndarray) -> None:
-        """Fold a batch of inputs into the running mean."""
-        flat = batch.reshape(len(batch), -1)
-        self.samples += len(flat)
-        weight = len(flat) / min(self.samples, max(self.window, len(flat)))
-        self.mean += weight * (flat.mean(axis=0, dtype=np.float64) - self.mean)
+    def update(self, batch: dict[str, np.ndarray]) -> None:
+        """Add one request's inputs to the window; fold the window in once it is full."""
+        if not self.inputs:
+            return
+        examples = len(batch[self.inputs[0]])
+        flat = np.concatenate([batch[name].reshape(examples, -1) for name in self.inputs], axis=1)
+        total = flat.sum(axis=0, dtype=np.float64)
+        with self.lock:
+            self.pending_sum += total
+            self.pending_samples += examples
+            self.pending_requests += 1
+            if self.pending_requests >= self.min_requests:
+                self._fold()
 
-    def z_scores(self) -> np.ndarray:
-        """Per feature z-score of the running mean (0 where the training std was 0)."""
-        return np.where(self.varying, (self.mean - self.train_mean) / self.train_std, 0.0)
+    def _fold(self) -> None:
+        """The window's mean into the published running mean (the lock held)."""
+        count = self.pending_samples
+        self.samples += count
+        weight = count / min(self.samples, max(self.window, count))
+        self.mean += weight * (self.pending_sum / count - self.mean)
+        self.pending_sum[:] = 0.0
+        self.pending_samples = self.pending_requests = 0
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """Prometheus gauges, computed when scraped rather than on every request."""
-        z = np.abs(self.z_scores()) if self.samples else np.zeros_like(self.mean)
-        varying = z[self.varying] if self.varying.any() else np.zeros(1)
-        yield CounterMetricFamily("ddp_serve_input_samples", "Examples folded into the running "
-                                  "input mean", value=self.samples)
+        with self.lock:
+            samples, mean = self.samples, self.mean.copy()
+        yield CounterMetricFamily("ddp_serve_input_samples", "Examples folded into the published "
+                                  "running input mean (whole windows of --drift-min-samples requests)",
+                                  value=samples)
+        if not self.inputs:
+            return
+        z = np.where(self.varying, (mean - self.train_mean) / self.train_std, 0.0) if samples else np.zeros_like(mean)
+        varying = np.abs(z[self.varying]) if self.varying.any() else np.zeros(1)
         yield GaugeMetricFamily("ddp_serve_input_drift_mean_abs_z",
                                 "Mean over features of |running input mean - training mean| / "
                                 "training std", value=float(varying.mean()))
@@ -302,9 +460,9 @@ class DriftMonitor:
                                 value=float(varying.max()))
         if len(z) <= PER_FEATURE_DRIFT_LIMIT:
             family = GaugeMetricFamily("ddp_serve_input_drift_z", "z-score of the running input "
-                                       "mean per feature", labels=["feature"])
-            for index, value in enumerate(self.z_scores() if self.samples else z):
-                family.add_metric([str(index)], float(value))
+                                       "mean per feature", labels=["input", "feature"])
+            for labels, value in zip(self.labels, z):
+                family.add_metric(list(labels), float(value))
             yield family
 
 
@@ -366,22 +524,27 @@ class MetricsMiddleware:
 # The app
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes,
+    and with 408 when it has not all arrived within ``timeout`` seconds (a client that
+    trickles a body would otherwise hold its connection and its slot for ever)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadRequest(413, f"request body of {declared} bytes is over this server's limit of "
                               f"{limit} bytes (--max-body-bytes)")
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:  # no or a false Content-Length: stop reading at the limit
-                raise BadRequest(413, f"request body is over this server's limit of {limit} bytes "
-                                      f"(--max-body-bytes)")
-            chunks.append(chunk)
+        with anyio.fail_after(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:  # no or a false Content-Length: stop reading at the limit
+                    raise BadRequest(413, f"request body is over this server's limit of {limit} bytes "
+                                          f"(--max-body-bytes)")
+                chunks.append(chunk)
     except ClientDisconnect:
         raise BadRequest(400, "the client disconnected before sending the whole body") from None
+    except TimeoutError:
+        raise BadRequest(408, f"the request body did not arrive within {timeout:g} s (--body-timeout)") from None
     return b"".join(chunks)
 
 
@@ -392,14 +555,29 @@ def load_backend(directory: Path, manifest: dict[str, Any], options: ServeOption
         require(("onnxruntime",), "serve", "the onnxruntime backend", "--backend")
         path = format_file(directory, manifest, "onnx_int8" if options.int8 else "onnx",
                            "--int8" if options.int8 else "--backend")
-        return OnnxBackend(path, manifest["input"]["name"], options.threads), path
-    if options.int8:
-        raise UsageError("--int8", "the int8 model is an ONNX file: use --backend onnxruntime")
+        return OnnxBackend(path, options.threads), path
     require(("torch",), "serve", "the torch backend", "--backend")
     from ddp_train.tools.serving_torch import TorchBackend  # torch: only for this backend
 
     path = format_file(directory, manifest, "exported", "--backend")
-    return TorchBackend(path, options.threads), path
+    return TorchBackend(path, [entry["name"] for entry in manifest["inputs"]], options.threads), path
+
+
+def check_options(options: ServeOptions) -> None:
+    """Usage errors (exit 2) for option values, before anything is loaded."""
+    if options.int8 and options.backend != "onnxruntime":
+        raise UsageError("--int8", "the int8 model is an ONNX file: use --backend onnxruntime")
+    for option, value in (("--max-batch", options.max_batch), ("--max-body-bytes", options.max_body_bytes),
+                          ("--threads", options.threads), ("--drift-window", options.drift_window),
+                          ("--drift-min-samples", options.drift_min_samples),
+                          ("--max-concurrency", options.max_concurrency)):
+        if value < 1:
+            raise UsageError(option, f"expected at least 1, got {value}")
+    for option, seconds in (("--keep-alive-timeout", options.keep_alive_timeout),
+                            ("--body-timeout", options.body_timeout),
+                            ("--shutdown-timeout", options.shutdown_timeout)):
+        if not 0 < seconds <= MAX_TIMEOUT_S:
+            raise UsageError(option, f"expected seconds in (0, {MAX_TIMEOUT_S}], got {seconds!r}")
 
 
 def create_app(options: ServeOptions) -> FastAPI:
@@ -407,18 +585,13 @@ def create_app(options: ServeOptions) -> FastAPI:
 
     Raises UsageError for a missing or inconsistent export (before any port is bound).
     """
-    if options.max_batch < 1:
-        raise UsageError("--max-batch", f"expected at least 1, got {options.max_batch}")
-    for option, value in (("--max-body-bytes", options.max_body_bytes), ("--threads", options.threads),
-                          ("--drift-window", options.drift_window)):
-        if value < 1:
-            raise UsageError(option, f"expected at least 1, got {value}")
+    check_options(options)
     directory = find_export_dir(options.path)
     manifest = read_manifest(directory)
-    spec = InputSpec(manifest, options.max_batch)
+    inputs = ModelInputs(manifest, options.max_batch)
     backend, model_path = load_backend(directory, manifest, options)
     classify = manifest["task"] in ("classification", "language_model")
-    drift = DriftMonitor(manifest["input_stats"], options.drift_window)
+    drift = DriftMonitor(manifest["input_stats"], options.drift_window, options.drift_min_samples)
     metrics = ServerMetrics(options.max_batch, drift)
     fmt = "onnx_int8" if options.int8 else ("onnx" if options.backend == "onnxruntime" else "exported")
     model_info = {"file": model_path.name, "sha256": manifest["formats"][fmt]["sha256"],
@@ -427,11 +600,21 @@ def create_app(options: ServeOptions) -> FastAPI:
                   "source_model_sha256": str(manifest.get("source", {}).get("model_sha256", ""))}
     metrics.model.info(model_info)
     # A warm-up batch proves the model runs before the server reports ready.
-    backend.run(np.zeros((1, *spec.example_shape), dtype=spec.dtype))
+    backend.run(inputs.warm_up_batch())
     state = {"ready": False}
-    global POOL
-    import concurrent.futures, multiprocessing
-    POOL = concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context('forkserver'))
+
+    def answer(body: bytes) -> bytes:
+        """One /predict request, parsed, checked, run and encoded: on a worker thread, so that
+        a large body keeps neither the event loop nor /healthz waiting."""
+        batch, single = inputs.parse(body)
+        metrics.batch_size.observe(len(next(iter(batch.values()))))
+        drift.update(batch)
+        outputs = backend.run(batch)
+        predictions = outputs.argmax(axis=-1) if classify else outputs
+        if single:
+            outputs, predictions = outputs[0], predictions[0]
+        return json.dumps({"outputs": outputs.tolist(), "predictions": predictions.tolist()},
+                          allow_nan=False, separators=(",", ":")).encode()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -454,21 +637,19 @@ def create_app(options: ServeOptions) -> FastAPI:
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.post("/predict")
-    async def predict(request: Request) -> JSONResponse:
-        import asyncio
-        batch, single = await asyncio.get_running_loop().run_in_executor(POOL, spec.parse, await read_body(request, options.max_body_bytes))
-        drift.update(batch)
-        metrics.batch_size.observe(len(batch))
+    async def predict(request: Request) -> Response:
+        body = await read_body(request, options.max_body_bytes, options.body_timeout)
         try:
-            outputs = await run_in_threadpool(backend.run, batch)
+            return Response(await run_in_threadpool(answer, body), media_type="application/json")
+        except BadRequest:
+            raise
         except Exception as exc:  # a server-side failure on validated input: 500, and keep serving
-            message = first_line(exc)
-            log.error("the model failed on a batch of %d: %s", len(batch), message)
-            return JSONResponse({"error": f"the model failed on these inputs: {message}"}, status_code=500)
-        predictions = outputs.argmax(axis=-1) if classify else outputs
-        if single:
-            outputs, predictions = outputs[0], predictions[0]
-        return JSONResponse({"outputs": outputs.tolist(), "predictions": predictions.tolist()})
+            # The exception's text can hold the model's internals or another request's
+            # data: the client gets an id to quote, the log gets the detail.
+            incident = uuid.uuid4().hex[:12]
+            log.error("request %s: the model failed: %s: %s", incident, type(exc).__name__, first_line(exc))
+            return JSONResponse({"error": f"internal error: the model could not answer (request "
+                                          f"{incident}; the server log has the details)"}, status_code=500)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -510,5 +691,10 @@ def serve(options: ServeOptions) -> None:
     host, port = sock.getsockname()[:2]
     log.info("serving %s with %s on http://%s:%d (POST /predict, GET /healthz /readyz /metrics)",
              options.path, options.backend, host, port)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            # Beyond this many connections and requests, new requests get 503
+                            # at once: a flood cannot grow memory (each may hold a large body).
+                            limit_concurrency=options.max_concurrency,
+                            timeout_keep_alive=options.keep_alive_timeout,
+                            timeout_graceful_shutdown=options.shutdown_timeout)
     uvicorn.Server(config).run(sockets=[sock])

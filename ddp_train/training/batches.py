@@ -11,6 +11,7 @@ what was received, exit 2.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -79,6 +80,25 @@ def check_batch(call: ModelCall) -> None:
             where = f"entry {name!r}" if isinstance(name, str) else f"input {name}"
             raise BatchError(f"the model's {where} is {describe(value)}: a model takes tensors; "
                              f"tokenize it in the data set or in data.collate, or drop it")
+
+
+def check_signature(model: Callable[..., Any], call: ModelCall) -> None:
+    """BatchError when the model's ``forward`` cannot take the call's arguments (first batch only).
+
+    Looks through wrappers (DDP's ``module``, torch.compile's ``_orig_mod``) to the user's model.
+    """
+    while isinstance(getattr(model, "module", None), nn.Module) or isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = getattr(model, "_orig_mod", None) or model.module  # type: ignore[attr-defined]
+    try:
+        signature = inspect.signature(model.forward if isinstance(model, nn.Module) else model)
+    except (TypeError, ValueError):
+        return  # no introspectable signature: the call itself decides
+    try:
+        signature.bind(*call.args, **call.kwargs)
+    except TypeError as exc:
+        given = describe(call.kwargs) if call.kwargs else describe(call.args)
+        raise BatchError(f"the model's forward{signature} does not take the batch's inputs {given} "
+                         f"({exc})") from None
 
 
 def read_output(output: Any) -> ModelOutput:

@@ -217,14 +217,14 @@ class Loaders:
     """None without a validation set (or an empty one)."""
     steps_per_epoch: int | None
     """None for a stream of unknown length without data.steps_per_epoch."""
-    total_steps: int
-    """Optimizer steps of the whole run: whichever of train.epochs and train.max_steps ends it first."""
+    total_steps: int | None
+    """Optimizer steps of the whole run: whichever of train.epochs and train.max_steps ends it
+    first; None when a stream of unknown length decides (train.epochs passes over it)."""
 
 
 def build_loaders(train_dataset: Dataset, val_dataset: Dataset | None, config: TrainConfig,
                   env: DistEnv, collate: Callable[[list[Any]], Any] | None = None) -> Loaders:
-    """This rank's training and validation loaders; ConfigError when not one optimizer step fits
-    an epoch, or when a stream's length leaves the run's length unknown."""
+    """This rank's training and validation loaders; ConfigError when not one optimizer step fits an epoch."""
     pin = env.device.type == "cuda"
     data, accum = config.data, config.train.grad_accum_steps
     global_batch = env.world_size * data.batch_size * accum
@@ -241,11 +241,7 @@ def build_loaders(train_dataset: Dataset, val_dataset: Dataset | None, config: T
                                              f"batch {data.batch_size} × accumulation {accum} = "
                                              f"{global_batch}) no larger than the "
                                              f"{len(train_dataset)} training samples")  # type: ignore[arg-type]
-    total_steps = train.total_steps(config.train.epochs, config.train.max_steps)
-    if total_steps is None:
-        raise ConfigError("data.steps_per_epoch", "the training data is a stream of unknown length: "
-                                                  "set data.steps_per_epoch or train.max_steps")
-    return Loaders(train, val, steps_per_epoch, total_steps)
+    return Loaders(train, val, steps_per_epoch, train.total_steps(config.train.epochs, config.train.max_steps))
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

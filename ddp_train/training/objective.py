@@ -15,7 +15,8 @@ import torch
 
 from ddp_train.components.losses import LossFn
 from ddp_train.errors import BatchError
-from ddp_train.training.batches import check_batch, counted_targets, describe, read_output, split_batch
+from ddp_train.training.batches import (check_batch, check_signature, counted_targets, describe, read_output,
+                                        split_batch)
 
 StepFn = Callable[[Any, Any], Any]
 """``fn(model, batch) -> loss`` or ``-> (loss, {name: float})``."""
@@ -51,6 +52,7 @@ class Objective:
         call = split_batch(batch, self.target_key)
         if not self._checked:
             check_batch(call)
+            check_signature(model, call)
         output = read_output(call.run(model))
         if output.loss is not None:
             loss = output.loss

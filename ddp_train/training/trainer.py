@@ -12,7 +12,7 @@ import gc
 import logging
 import platform
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -265,52 +265,9 @@ class Trainer:
                 failure = exc
                 raise
             finally:
-                summary = self._end_fit("failed" if failure else status, started, previous_wall_time,
-                                        failure)
+                wall_time_s = previous_wall_time + time.perf_counter() - started
+                summary = _end_fit(self, "failed" if failure else status, wall_time_s, failure)
         return summary
-
-    def _end_fit(self, status: str, started: float, previous_wall_time: float,
-                 failure: BaseException | None) -> dict[str, Any]:
-        """The end of :meth:`fit`, however training ended: the last save, summary.json, on_fit_end.
-
-        After a ``failure`` an error here is logged, never raised: the failure is what the
-        user must see, not that its summary could not be written. After a success the first
-        such error fails the run (status ``failed``, exit 1).
-        """
-        late: list[tuple[str, Exception]] = []
-        if self.env.is_main:
-            # A save that failed (a full disk) leaves a temporary behind: removed now, not at
-            # the next start, which may never come.
-            for what, action in (("the last checkpoint save", self.checkpoints.wait),
-                                 ("removing temporary files", self.checkpoints.remove_stale_temporaries)):
-                try:
-                    action()
-                except Exception as exc:
-                    late.append((what, exc))
-        self.progress.wall_time_s = previous_wall_time + time.perf_counter() - started
-        summary = self.progress.summary("failed" if late else status, self.env.world_size,
-                                        self.early_stopping.best())
-        if self.env.is_main:
-            try:
-                self.run_dir.write_summary(summary)
-            except Exception as exc:
-                late.append(("writing summary.json", exc))
-        try:
-            self.callbacks.call("on_fit_end", self, summary)
-        except Exception as exc:
-            if failure is None and not late:
-                raise  # a bug in a callback: its traceback is what helps
-            late.append(("a callback's on_fit_end", exc))
-        if failure is not None or not late:
-            for what, error in late:
-                log.error("after training failed, %s failed too: %s", what, first_line(error))
-            return summary
-        (what, error), *others = late
-        for other, other_error in others:
-            log.error("%s failed too: %s", other, first_line(other_error))
-        if isinstance(error, TrainingFailed):
-            raise error
-        raise TrainingFailed(f"{what} failed: {first_line(error)}", shared=False) from error
 
     def _train(self, preemption: PreemptionWatch, started: float, previous_wall_time: float) -> str:
         """Optimizer steps until training ends; returns how it ended (the summary's status)."""
@@ -354,7 +311,7 @@ class Trainer:
 
     def _finished(self) -> bool:
         """Whether the run has trained all it should (train.max_steps, train.epochs)."""
-        return (self.progress.global_step >= self.total_steps
+        return ((self.total_steps is not None and self.progress.global_step >= self.total_steps)
                 or self.progress.epochs_completed >= self.config.train.epochs)
 
     def step_batches(self) -> Iterator[list[Any]]:
@@ -531,6 +488,54 @@ class Trainer:
         self.close(clean_exit=exc_type is None)
 
 
+def _end_fit(trainer: Trainer, status: str, wall_time_s: float, failure: BaseException | None
+             ) -> dict[str, Any]:
+    """The end of :meth:`Trainer.fit`, however training ended: the last save, summary.json,
+    on_fit_end. Every step is attempted; their errors are reported by :func:`_report_end_errors`."""
+    env = trainer.env
+    late: list[tuple[str, Exception]] = []
+    if env.is_main:
+        _attempt(late, "the last checkpoint save", trainer.checkpoints.wait)
+        # A save that failed (a full disk) leaves a temporary behind: removed now, not at
+        # the next start, which may never come.
+        _attempt(late, "removing temporary files", trainer.checkpoints.remove_stale_temporaries)
+    trainer.progress.wall_time_s = wall_time_s
+    summary = trainer.progress.summary("failed" if late else status, env.world_size,
+                                       trainer.early_stopping.best())
+    if env.is_main:
+        _attempt(late, "writing summary.json", lambda: trainer.run_dir.write_summary(summary))
+    if failure is None and not late:
+        trainer.callbacks.call("on_fit_end", trainer, summary)  # a bug there: its traceback helps
+    else:
+        _attempt(late, "a callback's on_fit_end", lambda: trainer.callbacks.call("on_fit_end", trainer, summary))
+    _report_end_errors(late, failure)
+    return summary
+
+
+def _attempt(errors: list[tuple[str, Exception]], what: str, action: Callable[[], object]) -> None:
+    """Run ``action``; an error it raises is appended to ``errors`` as ``(what, error)``."""
+    try:
+        action()
+    except Exception as exc:
+        errors.append((what, exc))
+
+
+def _report_end_errors(errors: list[tuple[str, Exception]], failure: BaseException | None) -> None:
+    """The errors of a run's end: logged after a ``failure``, which is what the user must see
+    (not that its summary could not be written); after a success the first fails the run
+    (TrainingFailed: one line, exit 1) and the others are logged."""
+    if failure is not None or not errors:
+        for what, error in errors:
+            log.error("after training failed, %s failed too: %s", what, first_line(error))
+        return
+    (what, error), *others = errors
+    for other, other_error in others:
+        log.error("%s failed too: %s", other, first_line(other_error))
+    if isinstance(error, TrainingFailed):
+        raise error
+    raise TrainingFailed(f"{what} failed: {first_line(error)}", shared=False) from error
+
+
 def _out_of_memory(config: TrainConfig, rank: int, device: torch.device, global_step: int) -> TrainingFailed:
     """Write the CUDA memory summary next to the run and explain what to change."""
     path = config.run_dir / f"oom_memory_summary_rank{rank}.txt"
@@ -550,5 +555,6 @@ def describe(trainer: Trainer) -> str:
     return (f"{config.model.name} ({trainer.metrics.num_params / 1e6:.3g}M parameters) on {config.data.name} | "
             f"world size {trainer.env.world_size} on {trainer.env.device} ({trainer.strategy.name}) | "
             f"global batch {trainer.env.world_size * config.data.batch_size * config.train.grad_accum_steps} | "
-            f"{trainer.total_steps} steps ({trainer.steps_per_epoch or 'a pass over the stream'}/epoch) | "
+            f"{trainer.total_steps or 'until the stream ends'} steps "
+            f"({trainer.steps_per_epoch or 'a pass over the stream'}/epoch) | "
             f"precision {config.train.precision} | run dir {config.run_dir}")

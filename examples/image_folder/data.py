@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-CLASSES = ("square", "disc", "cross", "ring")
+CLASSES = ("square", "ring", "cross", "bar")
 """The shapes; each image has one, of random colour, size and place on a random background."""
 IMAGE_SIZE = 16
 
@@ -35,13 +35,13 @@ def _draw(shape: str, rng: random.Random) -> Image.Image:
     middle_x, middle_y = left + size // 2, top + size // 2
     if shape == "square":
         draw.rectangle(box, fill=colour)
-    elif shape == "disc":
-        draw.ellipse(box, fill=colour)
+    elif shape == "ring":
+        draw.ellipse(box, outline=colour, width=2)
     elif shape == "cross":
         draw.line((left, middle_y, left + size, middle_y), fill=colour, width=2)
         draw.line((middle_x, top, middle_x, top + size), fill=colour, width=2)
-    else:
-        draw.ellipse(box, outline=colour, width=2)
+    else:  # a horizontal bar: a flip leaves every class what it is
+        draw.rectangle((left, middle_y - 1, left + size, middle_y + 1), fill=colour)
     return image
 
 
