@@ -200,9 +200,10 @@ class Trainer:
             restore_rng(mine["rng"], self.env.device)
             self.running_loss.load_state_dict(mine)
         else:
-            log.warning("the checkpoint comes from world size %d, this job has %d: the data "
-                        "order is kept, but per-rank random streams (dropout) start afresh",
-                        len(ranks), self.env.world_size)
+            log.warning("the checkpoint comes from world size %d, this job has %d: the epoch "
+                        "continues at global sample %d (none skipped or repeated), but per-rank "
+                        "random streams (dropout) start afresh", len(ranks), self.env.world_size,
+                        self.progress.sample_offset)
 
     def _resume(self) -> bool:
         """Load the checkpoint ``checkpoint.resume`` names; True when one was loaded."""
