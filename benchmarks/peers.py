@@ -289,7 +289,9 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     work, machine = results["workload"], results["machine"]
     fig.suptitle(f"{work['model']}, {work['parameters']:,} parameters, {work['batch_per_rank']} × "
                  f"{work['sequence_length']} tokens per rank, {work['world_size']} gloo ranks, fp32; "
-                 f"{results['replicas']} replicas × {results['timed_steps_per_run']} steps", fontsize=10)
+                 f"{results['replicas']} replicas × {results['timed_steps_per_run']} steps"
+                 + "".join(f"\n{name} skipped: {reason}" for name, reason in results["skipped"].items()),
+                 fontsize=10)
     fig.text(0.01, 0.005, f"{machine['cpu_cores']}-core {machine['cpu_model']}, torch "
                           f"{machine['torch']}, {results['started_utc']}: CPU times, compare ratios",
              fontsize=8, color="gray")

@@ -203,7 +203,10 @@ def _write(path: Path, text: str) -> Path:
     ("- just\n- a list\n", "mapping of sections"),
     ("train: 3\n", "train"),
     ("train:\n  epochz: 3\n", "did you mean 'train.epochs'"),
-], ids=["missing", "malformed", "list-top-level", "section-not-mapping", "typo-in-file"])
+    ("model:\n  args: {when: 2020-13-45}\n", "not valid YAML: month must be in 1..12"),
+    ("model:\n  args: {deep: " + "[" * 5000 + "]" * 5000 + "}\n", "not valid YAML: maximum recursion depth"),
+], ids=["missing", "malformed", "list-top-level", "section-not-mapping", "typo-in-file", "bad-date",
+        "too-deep"])
 def test_bad_config_files(content: str | None, expected: str, workdir: Path,
                           capsys: pytest.CaptureFixture[str]) -> None:
     path = workdir / "my.yaml"

@@ -21,8 +21,9 @@ import os
 import tempfile
 import time
 import typing
+import zlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ from ddp_train.config import TrainConfig, config_from_dict, config_to_yaml, load
 from ddp_train.errors import ConfigError
 
 EXAMPLES = 500
-"""Generated examples (each one to three overrides); the acceptance bar is 500 overrides."""
+"""Generated examples, each one to three overrides (about 1000 in all)."""
 
 BASE = ["model.name=user_components:tiny_mlp", "data.name=user_components:blobs",
         "data.args.n_train=32", "data.args.n_val=8", "data.batch_size=8", "train.epochs=1",
@@ -117,13 +118,13 @@ def _plausible_values(hint: Any) -> st.SearchStrategy[str]:
     return st.sampled_from(['"run"', '"val/loss"', '"val/accuracy"', '"never"', '"auto"'])
 
 
-def _key_and_value(values: Any) -> st.SearchStrategy[str]:
+def _key_and_value(values: Callable[[Any], st.SearchStrategy[str]]) -> st.SearchStrategy[str]:
     """``key=value`` for a known key, the value drawn from ``values(annotation)``."""
     return st.sampled_from(KEYS).flatmap(
         lambda item: values(item[1]).map(lambda value: f"{item[0]}={value}"))
 
 
-PLAUSIBLE = _key_and_value(lambda hint: _plausible_values(hint))
+PLAUSIBLE = _key_and_value(_plausible_values)
 KNOWN_KEY = _key_and_value(lambda hint: st.one_of(_typed_values(hint), VALUE_TEXT))
 UNKNOWN_KEY = st.one_of(
     st.tuples(st.sampled_from([k for k, _ in KEYS]), st.text(min_size=1, max_size=12))
@@ -140,20 +141,24 @@ ARGS_ENTRY = st.tuples(
     st.one_of(st.sampled_from(["hidden", "n_train", "n_val", "seed", "eps", "nesterov",
                                "hidden_sizes", "activation", "val_fraction"]),
               st.text(min_size=1, max_size=10)),
-    st.one_of(st.integers(-4, 64).map(str), FLOAT_TEXT, st.sampled_from(["true", "null", '"x"', "[1, -1]", "{}"])),
+    st.one_of(st.integers(-4, 64).map(str), FLOAT_TEXT,
+              st.sampled_from(["true", "null", '"x"', "[1, -1]", "{}"])),
 ).map(lambda t: f"{t[0]}.{t[1]}={t[2]}")
 HOSTILE = st.lists(st.one_of(KNOWN_KEY, KNOWN_KEY, UNKNOWN_KEY, ARGS_ENTRY), min_size=1, max_size=3)
-# Two hostile lists to one plausible: about a third of the examples train (0.2 s each).
 OVERRIDES = st.one_of(HOSTILE, HOSTILE, st.lists(PLAUSIBLE, min_size=1, max_size=3))
 
 
 def _safe_to_train(overrides: list[str], root: Path) -> bool:
-    """Whether the config these overrides make loads, writes only under ``root`` and trains in
-    well under a second; others are only validated (``--print-config``)."""
+    """Whether to train the config these overrides make: one that fails to load, or half of
+    those that load (chosen by their text, so that a replay chooses alike: a run takes about
+    0.2 s), if it writes only under ``root`` and trains in well under a second. The others
+    are validated only (``--print-config``)."""
     try:
         config = load_config(None, [*BASE, *overrides])
     except ConfigError:
         return True  # fails before anything runs or is written
+    if zlib.crc32("\n".join(overrides).encode("utf-8", "surrogatepass")) % 2:
+        return False
     inside = Path(os.path.realpath(config.run_dir)).is_relative_to(root)
     resume = config.checkpoint.resume
     reads_inside = resume in ("auto", "never") or Path(os.path.realpath(resume)).is_relative_to(root)
@@ -181,6 +186,7 @@ def _run_in_process(argv: list[str]) -> tuple[int, str]:
 
 @pytest.mark.timeout(300)
 def test_fuzzed_overrides_end_in_exit_0_1_or_2_with_one_line() -> None:
+    """Every generated example through ``main()``: no traceback, and a failure is one line."""
     counts = {"examples": 0, "overrides": 0, "trained": 0, "training_s": 0.0, 0: 0, 1: 0, 2: 0}
     start = time.monotonic()
 
@@ -229,7 +235,7 @@ def test_fuzzed_overrides_end_in_exit_0_1_or_2_with_one_line() -> None:
           f"{elapsed:.1f} s: exit 0 x{counts[0]} ({counts['trained']} trained, "
           f"{counts['training_s']:.1f} s), exit 1 x{counts[1]}, exit 2 x{counts[2]}")
     assert counts["overrides"] >= 500
-    assert counts[2] > counts["examples"] / 3, "the fuzzer must mostly produce bad configs"
+    assert counts[2] > counts["examples"] / 2, "most generated configs must be bad ones"
     assert counts[0] > 10, "some generated configs must be valid and run"
 
 

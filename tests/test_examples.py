@@ -92,7 +92,9 @@ def _series(metrics: list[dict[str, Any]], key: str) -> list[float]:
 def test_gpt2_chars_perplexity_falls(runs: dict[str, tuple[subprocess.CompletedProcess[str], Path]]) -> None:
     summary, metrics = _finished(runs, "gpt2_chars")
     perplexity = _series(metrics, "val/perplexity")
-    assert len(perplexity) >= 3 and perplexity[-1] < 0.5 * perplexity[0], perplexity
+    # A uniform guess over the 384 tokens has perplexity 384; the first validation (step 10)
+    # is well below it already, and training goes on lowering it.
+    assert len(perplexity) == 4 and perplexity[-1] < 0.85 * perplexity[0] < 0.85 * 384 / 2, perplexity
     assert summary["final"]["val/perplexity"] == perplexity[-1]
 
 

@@ -3,9 +3,11 @@ ends, two runs on one directory, signals that come twice or after the end. Real 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
+import os
 import signal
 import socket
 import subprocess
@@ -218,6 +220,32 @@ def test_a_second_run_on_a_busy_directory_exits_2_and_touches_nothing(workdir: P
     assert "resuming from" in again.stderr and read_summary(run_dir)["global_step"] == 45
 
 
+def test_a_killed_run_leaves_its_directory_free_while_its_loader_workers_live(workdir: Path) -> None:
+    """flock belongs to the open file, which forked DataLoader workers share: they must not keep
+    a killed rank 0's directory locked against the run torchrun restarts."""
+    proc = subprocess.Popen(cli_command(["loss.name=user_components:slow_loss", "data.num_workers=2",
+                                         "train.max_steps=2000", "logging.every_steps=1", *QUIET]),
+                            cwd=workdir, env=clean_env(), text=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    run_dir = workdir / "runs" / "default"
+    workers: list[psutil.Process] = []
+    try:
+        _wait_for(lambda: 3 in _logged_steps(run_dir), proc, "step 3")
+        workers = psutil.Process(proc.pid).children()
+        proc.kill()
+        proc.wait()
+        assert [w for w in workers if w.status() != psutil.STATUS_ZOMBIE], "no worker outlived it"
+        fd = os.open(run_dir / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if held
+        finally:
+            os.close(fd)
+    finally:
+        for worker in workers:
+            if worker.is_running():
+                worker.kill()
+
+
 # ---------------------------------------------------------------------------------------
 # Signals.
 
@@ -234,17 +262,19 @@ def test_sigterm_twice_to_every_rank_preempts_once_and_exits_0(workdir: Path) ->
     _wait_for(lambda: 5 in _logged_steps(run_dir), proc, "step 5")
     workers = psutil.Process(proc.pid).children(recursive=True)
     assert len(workers) == 2, workers
-    signalled = time.monotonic()
+    signalled, sent = time.monotonic(), 0
     for _ in range(2):
         for worker in workers:
             if worker.is_running():
                 worker.send_signal(signal.SIGTERM)
+                sent += 1
         time.sleep(0.3)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     summary = read_summary(run_dir)
+    later = stderr.count("received again") + stderr.count("received after training ended")
     print(f"preempted at step {summary['global_step']}, exit 0 {time.monotonic() - signalled:.1f} s "
-          f"after the first signal; second signals logged: {stderr.count('received again')}")
+          f"after the first signal; {sent - 2} second signals sent, {later} logged")
     assert summary["status"] == "preempted"
     assert (run_dir / "checkpoints" / f"step_{summary['global_step']:08d}.pt").exists()
 
@@ -255,9 +285,10 @@ import torch
 from ddp_train.cli import main
 
 def preempting_loss(outputs, targets):
-    # SIGTERM to itself at the 5th training call: a preemption mid-run.
+    # Two SIGTERMs to itself at the 5th training call: a preemption mid-run.
     preempting_loss.calls = getattr(preempting_loss, "calls", 0) + torch.is_grad_enabled()
     if preempting_loss.calls == 5 and torch.is_grad_enabled():
+        os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
     return torch.nn.functional.cross_entropy(outputs, targets)
 
@@ -281,6 +312,7 @@ def test_sigterm_after_the_end_leaves_the_result_standing(how: str, workdir: Pat
     assert result.returncode == 0, result.stderr
     assert "training returned 0" in result.stderr
     assert result.stderr.count("SIGTERM received after training ended: ignored") == 2, result.stderr
+    assert result.stderr.count("SIGTERM received again") == (how == "preempted"), result.stderr
     summary = read_summary(workdir / "runs" / "default")
     assert summary["status"] == how
     assert summary["global_step"] == (3 if how == "completed" else 5)

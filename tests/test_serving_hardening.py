@@ -139,7 +139,7 @@ def test_healthz_answers_while_a_large_body_is_parsed(server: Server) -> None:
     assert seconds > 0.5, "the body was parsed too fast for the comparison to say anything"
     # Parsed on the event loop, /healthz would wait for the whole parse; on a worker thread
     # it waits at most for one C call (json.loads) to let go of the GIL.
-    assert len(latencies) >= 5 and max(latencies) < seconds / 3, (seconds, sorted(latencies)[-3:])
+    assert len(latencies) >= 5 and max(latencies) < seconds / 2, (seconds, sorted(latencies)[-3:])
 
 
 def _stalled_request(port: int) -> socket.socket:

@@ -34,10 +34,6 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
 
 
-_MAX_DEPTH = 100
-"""How deeply a free-form value (``model.args``, ...) may nest lists and mappings."""
-
-
 def parse_yaml(text: str) -> Any:
     """Parse YAML text with the config's loader; any failure is a ``yaml.YAMLError``."""
     try:
@@ -212,6 +208,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is Any:
         return value
     raise TypeError(f"config field {key} has an unsupported annotation {hint!r}")
+
+
+_MAX_DEPTH = 100
+"""How deeply a free-form value (``model.args``, ...) may nest lists and mappings."""
 
 
 def _check_tree(value: Any, key: str, seen: set[int], depth: int) -> None:

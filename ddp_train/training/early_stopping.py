@@ -51,7 +51,7 @@ class EarlyStopping:
         validation of ``task`` (with a ``train.step_fn`` when ``custom_step``) reports."""
         available = watchable_metrics(task, custom_step)
         if self.config.metric not in available:
-            source = f"a train.step_fn's validation of task {task!r}" if custom_step else f"task {task!r}"
+            source = f"task {task!r}" + (" with a train.step_fn" if custom_step else "")
             raise ConfigError("train.early_stopping.metric",
                               f"expected a metric that validation reports for {source} "
                               f"({', '.join(available)}), got {shown(self.config.metric)}")

@@ -15,8 +15,8 @@ import torch
 
 from ddp_train.components.losses import LossFn
 from ddp_train.errors import BatchError
-from ddp_train.training.batches import (check_batch, check_signature, counted_targets, describe, read_output,
-                                        split_batch)
+from ddp_train.training.batches import (ModelCall, check_batch, check_signature, counted_targets, describe,
+                                        read_output, split_batch)
 
 StepFn = Callable[[Any, Any], Any]
 """``fn(model, batch) -> loss`` or ``-> (loss, {name: float})``."""
@@ -49,11 +49,25 @@ class Objective:
         """The loss (and prediction) of ``model`` on ``batch``; BatchError outside the contract."""
         if self.step_fn is not None:
             return self._user_step(model, batch)
+        if self._checked and type(batch) in (list, tuple) and len(batch) == 2 and type(batch[0]) is torch.Tensor:
+            # The common case, (tensor, targets) → tensor, without the general path's objects:
+            # the hot loop of a small model feels every microsecond.
+            output = model(batch[0])
+            if type(output) is torch.Tensor:
+                return Evaluation(self.loss_fn(output, batch[1]), output, batch[1])
+            return self._from_output(output, split_batch(batch, self.target_key), batch)
         call = split_batch(batch, self.target_key)
         if not self._checked:
             check_batch(call)
             check_signature(model, call)
-        output = read_output(call.run(model))
+        evaluation = self._from_output(call.run(model), call, batch)
+        if not self._checked:
+            _check_scalar(evaluation.loss, "the loss")
+            self._checked = True
+        return evaluation
+
+    def _from_output(self, raw_output: Any, call: ModelCall, batch: Any) -> Evaluation:
+        output = read_output(raw_output)
         if output.loss is not None:
             loss = output.loss
         elif output.prediction is not None and call.targets is not None:
@@ -62,9 +76,6 @@ class Objective:
             raise BatchError(f"the model returned no loss and the batch has no targets to apply "
                              f"the loss to (data.target_key={self.target_key!r}); the batch was "
                              f"{describe(batch)}")
-        if not self._checked:
-            _check_scalar(loss, "the loss")
-            self._checked = True
         return Evaluation(loss, output.prediction, call.targets)
 
     def _user_step(self, model: Callable[..., Any], batch: Any) -> Evaluation:

@@ -283,6 +283,7 @@ class Trainer:
         while True:
             self.callbacks.call("on_step_start", self)
             result = self.train_step(next(batches))
+            self.checkpoints.check_background()  # a failed background save stops the run now
             window_steps += 1
             self.callbacks.call("on_step_end", self, result)
             if progress.global_step % log_every == 0:
