@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
+
 
 class ConfigError(Exception):
     """Bad configuration or usage: reported without a traceback, exit code 2.
@@ -59,3 +62,14 @@ class BatchError(ConfigError):
 
     def __init__(self, message: str, key: str = "data") -> None:
         super().__init__(key, message)
+
+
+def failure_summary(exc: BaseException) -> str:
+    """``Type at file.py:line: first line of the message``, naming the innermost frame that raised.
+
+    For one-line reports of an error in the user's own code (a factory, a model's first
+    forward), where the line that raised is what points at the fix.
+    """
+    frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" at {Path(frame[0].filename).name}:{frame[0].lineno}" if frame else ""
+    return f"{type(exc).__name__}{where}: {first_line(exc)}"

@@ -224,3 +224,13 @@ def read_ids(log: Path) -> list[int]:
     """Every id a training forward logged, over all ranks' files."""
     return [int(token) for path in sorted(log.parent.glob(log.name + ".rank*"))
             for token in path.read_text().split()]
+
+
+def regression_blobs() -> tuple[Dataset, Dataset]:
+    """Inputs of 8 features against 3 real-valued targets each."""
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(8, 3, generator=generator)
+    def make(n: int) -> torch.utils.data.TensorDataset:
+        inputs = torch.randn(n, 8, generator=generator)
+        return torch.utils.data.TensorDataset(inputs, inputs @ weights)
+    return make(64), make(32)

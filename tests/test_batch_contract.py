@@ -196,6 +196,12 @@ def test_resume_at_another_global_batch_uses_every_sample_once(workdir: Path) ->
     (["data.name=batch_components:strings"], "of 16 str"),
     (["model.name=batch_components:says_hello"], "'greeting': str"),
     (["model.name=batch_components:tiny_lm", "data.name=user_components:blobs"], "does not take"),
+    # A model that does not fit the data: its first forward's error, with where it was raised.
+    (["model.args.in_features=5"], "the first batch failed (RuntimeError at "),
+    (["model.args.out_features=2"], "the first batch failed ("),
+    (["eval.task=regression"], "eval.task: regression compares predictions with targets of the same shape"),
+    (["eval.task=classification", "loss.name=mse", "data.name=batch_components:regression_blobs"],
+     "eval.task: classification expects integer class indices"),
 ])
 def test_an_unusable_batch_or_output_is_one_line_exit_2(workdir: Path, args: list[str], expected: str) -> None:
     result = run_cli(["logging.progress=none", "data.batch_size=16", "train.max_steps=2",

@@ -149,8 +149,8 @@ def test_a_bug_in_a_user_factory_is_one_line_naming_it(workdir: Path, capsys: py
     monkeypatch.chdir(workdir)
     assert main(["model.name=buggy_models:net", *FAST]) == 2
     err = capsys.readouterr().err
-    assert err == ("ddp-train: config error: model.args: rejected by net (NameError at buggy_models.py:2): "
-                   "name 'undefined_name' is not defined\n")
+    assert err == ("ddp-train: config error: model.args: rejected by net (NameError at buggy_models.py:2: "
+                   "name 'undefined_name' is not defined)\n")
 
 
 @pytest.mark.parametrize(("args", "available"), [

@@ -8,9 +8,7 @@ data from its ``config.yaml``) and ``ddp-train cv`` all build through
 from __future__ import annotations
 
 import inspect
-import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
@@ -21,7 +19,7 @@ from ddp_train.components.losses import LOSS_TASKS, LossFn, build_loss
 from ddp_train.components.models import MODELS
 from ddp_train.components.registry import resolve_callable
 from ddp_train.config import TrainConfig
-from ddp_train.errors import ConfigError, TrainingFailed, UsageError, first_line
+from ddp_train.errors import ConfigError, TrainingFailed, UsageError, failure_summary, first_line
 
 
 def call_factory(factory: Callable[..., Any], args: dict[str, Any], key: str) -> Any:
@@ -45,10 +43,7 @@ def call_factory(factory: Callable[..., Any], args: dict[str, Any], key: str) ->
     except (ConfigError, UsageError, TrainingFailed):
         raise  # already a one-line report naming its own key
     except Exception as exc:
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-        raise ConfigError(key, f"rejected by {name} ({type(exc).__name__}{where}): "
-                               f"{first_line(exc)}") from None
+        raise ConfigError(key, f"rejected by {name} ({failure_summary(exc)})") from None
 
 
 def with_hints(factory: Callable[..., Any], args: dict[str, Any], hints: dict[str, Any]

@@ -178,7 +178,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             if not (isinstance(name, str) and name.isidentifier()):
                 raise ConfigError(key, f"expected keyword argument names (Python identifiers) as "
                                        f"keys, got {shown(name)}")
-        _check_tree(value, key, seen=set(), depth=0)
+        _check_size(value, key)
         return dict(value)
     if origin is list:
         if not isinstance(value, list):
@@ -212,23 +212,30 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 _MAX_DEPTH = 100
 """How deeply a free-form value (``model.args``, ...) may nest lists and mappings."""
+_MAX_ITEMS = 100_000
+"""How many values a free-form value may hold, counted as written out."""
 
 
-def _check_tree(value: Any, key: str, seen: set[int], depth: int) -> None:
-    """``value`` (a free-form value such as ``model.args``) holds no list or mapping twice and
-    nests at most :data:`_MAX_DEPTH` deep.
+def _check_size(value: Any, key: str) -> None:
+    """``value`` (a free-form value such as ``model.args``) nests at most :data:`_MAX_DEPTH`
+    deep and holds at most :data:`_MAX_ITEMS` values, each alias counted as written out.
 
-    A YAML alias repeats an object: nested aliases make a few lines expand exponentially,
-    and one inside itself makes a cycle, when the config is copied, compared or written to
-    ``config.yaml``. ``seen`` holds the ids of the lists and mappings met so far.
+    YAML aliases repeat an object: a few nested ones expand exponentially, and one inside
+    itself nests without end, when the config is copied, compared or written to
+    ``config.yaml``. A list shared by two arguments is fine.
     """
-    if not isinstance(value, (list, dict)):
-        return
-    if id(value) in seen:
-        raise ConfigError(key, "expected plain values, got a YAML alias that repeats a list or "
-                               "mapping (write the value out instead)")
-    if depth >= _MAX_DEPTH:
-        raise ConfigError(key, f"expected values nested at most {_MAX_DEPTH} levels deep")
-    seen.add(id(value))
-    for child in (value.values() if isinstance(value, dict) else value):
-        _check_tree(child, key, seen, depth + 1)
+    pending = [(value, 0)]
+    items = 0
+    while pending:
+        item, depth = pending.pop()
+        items += 1
+        if depth > _MAX_DEPTH:
+            raise ConfigError(key, f"expected values nested at most {_MAX_DEPTH} levels deep (a YAML "
+                                   f"alias inside itself nests without end)")
+        if items > _MAX_ITEMS:
+            raise ConfigError(key, f"expected at most {_MAX_ITEMS} values, counting each YAML alias "
+                                   f"as written out")
+        if isinstance(item, dict):
+            pending.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            pending.extend((child, depth + 1) for child in item)

@@ -21,18 +21,10 @@ deprecated ``torch.ao.quantization``); both report the validation metrics before
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import inspect
-import io
-import itertools
 import logging
 import platform
-import re
-import traceback
-import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -41,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
 from ddp_train.components.losses import LossFn
@@ -49,9 +41,12 @@ from ddp_train.components.parts import PartsBuilder
 from ddp_train.config import TrainConfig, load_config
 from ddp_train.errors import ExportFailed, UsageError, first_line
 from ddp_train.extras import require
-from ddp_train.tools.manifest import (BATCH_AXIS, FORMAT_FILES, FORMAT_VERSION, MANIFEST_NAME, SEQUENCE_AXIS,
-                                     sha256_of, write_manifest)
-from ddp_train.training.batches import ModelCall, describe, label_shift, read_output, samples_in, split_batch
+from ddp_train.tools.export_inputs import (SCAN_FOR_SHAPES, Axes, InputLayout, Inputs, Prediction,
+                                          check_batches, first_items, input_stats, is_empty)
+from ddp_train.tools.exporters import (EXPORTERS, OUTPUT_NAME, ExportSubject, Runner, describe_failure,
+                                       onnx_runner, quiet_console)
+from ddp_train.tools.manifest import FORMAT_FILES, FORMAT_VERSION, MANIFEST_NAME, sha256_of, write_manifest
+from ddp_train.training.batches import label_shift, samples_in, split_batch
 from ddp_train.training.metrics import MetricAccumulator
 from ddp_train.training.rng import seed_everything
 from ddp_train.version import __version__
@@ -60,12 +55,8 @@ FORMATS = ("onnx", "exported", "torchscript")
 """The formats ``--format all`` writes, in the order they are exported."""
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
 """What the ONNX format and int8 quantization need: the ``export`` extra."""
-INPUT_NAME, OUTPUT_NAME = "input", "output"
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """Layers whose ``weight`` ``--prune`` prunes."""
-TORCHSCRIPT_NOTE = ("legacy: torch.jit.trace is deprecated in PyTorch; prefer model.pt2 "
-                    "(torch.export) or model.onnx. A trace records one path through the model: "
-                    "Python control flow is frozen at what the example batch took.")
 QUANTIZATION_METHOD = ("onnxruntime.quantization.quantize_dynamic: int8 weights (per tensor), "
                        "activations quantized per batch at run time, in the operators onnxruntime "
                        "quantizes dynamically (MatMul/Gemm of Linear layers, Conv, ...)")
@@ -156,229 +147,13 @@ def load_run_model(run_dir: Path) -> RunModel:
         raise UsageError("RUN_DIR", f"{run_dir / 'model.pt'} does not fit the model config.yaml "
                                     f"describes ({first_line(exc)})") from None
     train_dataset, val_dataset = parts.train_dataset, parts.val_dataset
-    val_is_train = val_dataset is None or _is_empty(val_dataset)
+    val_is_train = val_dataset is None or is_empty(val_dataset)
     if val_is_train:
         log.warning("the run has no validation data: parity and metrics use the training data")
     return RunModel(config, parts.model.eval(), train_dataset,
                     train_dataset if val_is_train else val_dataset,  # type: ignore[arg-type]
                     val_is_train, parts.task, parts.loss_fn, parts.collate or default_collate,
                     label_shift(parts.model))
-
-
-def _is_empty(dataset: Dataset) -> bool:
-    """Whether a map-style or iterable data set yields no item."""
-    if isinstance(dataset, IterableDataset):
-        return next(iter(dataset), _NOTHING) is _NOTHING
-    return len(dataset) == 0  # type: ignore[arg-type]
-
-
-_NOTHING = object()
-
-
-# ---------------------------------------------------------------------------------------
-# Inputs: a batch of the batch contract as the exported graph's named input tensors
-
-
-class InputLayout:
-    """How a batch becomes the exported graph's named input tensors, and those a model call.
-
-    The batch is split as training splits it (:func:`~ddp_train.training.batches.split_batch`):
-    one input tensor is named ``input``; several positional ones are named after the model's
-    ``forward`` parameters; a mapping's entries keep their keys, without the targets
-    (``data.target_key``), which a served model is not given.
-    """
-
-    def __init__(self, model: nn.Module, target_key: str, example: Any) -> None:
-        self.target_key = target_key
-        call = split_batch(example, target_key)
-        self.positional = len(call.args)
-        if self.positional == 1:
-            positional_names: list[str] = [INPUT_NAME]
-        else:
-            positional_names = _parameter_names(model, self.positional)
-        self.names = (*positional_names, *self._keyword_inputs(call, example))
-
-    def _keyword_inputs(self, call: ModelCall, batch: Any) -> dict[str, Any]:
-        """The call's keyword inputs, without the targets a mapping batch carries."""
-        return {key: value for key, value in call.kwargs.items()
-                if not (key == self.target_key and isinstance(batch, Mapping))}
-
-    def tensors(self, batch: Any) -> tuple[torch.Tensor, ...]:
-        """``batch``'s inputs in :attr:`names` order; ExportFailed for one that is not a tensor."""
-        call = split_batch(batch, self.target_key)
-        named = {**dict(zip(self.names, call.args)), **self._keyword_inputs(call, batch)}
-        if len(call.args) != self.positional or set(named) != set(self.names):
-            raise ExportFailed(f"the validation batches differ in their inputs: expected "
-                               f"{list(self.names)}, got {describe(batch)}")
-        for name, value in named.items():
-            if not isinstance(value, torch.Tensor):
-                raise ExportFailed(f"export takes tensor inputs, but the batch's {name!r} is "
-                                   f"{describe(value)}")
-        return tuple(named[name] for name in self.names)
-
-
-def _parameter_names(model: nn.Module, count: int) -> list[str]:
-    """The names of the first ``count`` positional parameters of ``model.forward``.
-
-    ``input_0``, ``input_1``, ... when ``forward`` takes ``*args`` or cannot be inspected.
-    """
-    try:
-        parameters = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        parameters = []
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    names = [p.name for p in parameters[:count] if p.kind in kinds]
-    return names if len(names) == count else [f"input_{i}" for i in range(count)]
-
-
-class Prediction(nn.Module):
-    """The model as a function of its named input tensors that returns its prediction.
-
-    This is what every format exports: positional tensors in the layout's order, rebuilt
-    into the model's call, and the prediction read out of whatever the model returns
-    (a tensor, a tuple, a Hugging Face ``ModelOutput``).
-    """
-
-    def __init__(self, model: nn.Module, layout: InputLayout) -> None:
-        super().__init__()
-        self.model = model
-        self.positional = layout.positional
-        self.keywords = layout.names[layout.positional:]
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        output = self.model(*inputs[:self.positional], **dict(zip(self.keywords, inputs[self.positional:])))
-        prediction = read_output(output).prediction
-        if prediction is None:
-            raise ExportFailed("the model returns only a loss when given no labels: export needs "
-                               "a prediction (a tensor, or 'logits')")
-        return prediction
-
-
-# ---------------------------------------------------------------------------------------
-# Data
-
-Inputs = tuple[torch.Tensor, ...]
-"""One batch's input tensors, in the layout's order."""
-SCAN_FOR_SHAPES = 64
-"""Validation items searched for a single example whose shape differs from the example batch's."""
-
-
-def first_items(dataset: Dataset, count: int) -> list[Any]:
-    """The first ``count`` items of a map-style or iterable data set (fewer if it has fewer)."""
-    if isinstance(dataset, IterableDataset):
-        return list(itertools.islice(iter(dataset), count))
-    return [dataset[i] for i in range(min(count, len(dataset)))]  # type: ignore[arg-type]
-
-
-def check_batches(items: list[Any], batch_size: int, collate: Callable[[list[Any]], Any]) -> list[Any]:
-    """Real batches of three sizes: the example batch, a single example, and an odd size between.
-
-    The single example is the first after the example batch whose collated shapes differ from
-    the example batch's (a padding collator pads to the longest item): an axis is exported
-    as dynamic only when these batches vary it, so every dynamic axis is checked.
-    """
-    def batch(start: int, count: int) -> Any:
-        return collate([items[(start + i) % len(items)] for i in range(count)])
-
-    example = batch(0, batch_size)
-    shapes = _shapes(example)
-    single = next((candidate for candidate in (batch(batch_size + i, 1) for i in range(SCAN_FOR_SHAPES))
-                   if [s[1:] for s in _shapes(candidate)] != [s[1:] for s in shapes]),
-                  batch(batch_size, 1))
-    other = max(batch_size // 2 + 1, 3) if batch_size != 3 else 2
-    return [example, single, batch(batch_size + 1, other)]
-
-
-def _shapes(batch: Any) -> list[tuple[int, ...]]:
-    """The shapes of the tensors in a batch, in order (for comparing batches)."""
-    if isinstance(batch, torch.Tensor):
-        return [tuple(batch.shape)]
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
-    return [shape for value in values for shape in _shapes(value)]
-
-
-@dataclass
-class Axes:
-    """Which axes of each input (and of the output) are dynamic, and their names.
-
-    Axis 0 is the batch. Another axis is dynamic when the check batches vary its length;
-    dynamic axes whose lengths agree in every check batch are one axis (a padded
-    sequence in ``input_ids`` and ``attention_mask``) with one name.
-    """
-
-    inputs: list[list[int | str]]
-    output: list[int | str]
-
-    @classmethod
-    def of(cls, batches: list[Inputs], outputs: list[torch.Tensor]) -> Axes:
-        groups: dict[tuple[int, ...], str] = {}
-
-        def shape(lengths: list[torch.Size], new_names: bool) -> list[int | str]:
-            named: list[int | str] = [BATCH_AXIS]
-            for axis in range(1, len(lengths[0])):
-                sizes = tuple(int(size[axis]) for size in lengths)
-                if len(set(sizes)) == 1:
-                    named.append(sizes[0])
-                    continue
-                if sizes not in groups and new_names:
-                    groups[sizes] = SEQUENCE_AXIS if not groups else f"{SEQUENCE_AXIS}_{len(groups) + 1}"
-                named.append(groups.get(sizes, "dynamic"))
-            return named
-
-        inputs = [shape([batch[i].shape for batch in batches], True) for i in range(len(batches[0]))]
-        return cls(inputs, shape([output.shape for output in outputs], False))
-
-    def dynamic_shapes(self) -> tuple[tuple[dict[int, Any], ...]]:
-        """``dynamic_shapes`` for :class:`Prediction`'s ``*inputs``: every named axis dynamic.
-
-        ``Dim.DYNAMIC`` lets torch.export find each axis' range and the equalities between
-        inputs itself (a Hugging Face model's position table bounds its sequence length).
-        """
-        return (tuple({axis: torch.export.Dim.DYNAMIC for axis, size in enumerate(shape)
-                       if isinstance(size, str)} for shape in self.inputs),)
-
-    def limits(self, program: torch.export.ExportedProgram) -> dict[str, int]:
-        """The largest length of each named non-batch axis that ``program`` accepts, where bounded."""
-        placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
-        limits: dict[str, int] = {}
-        for name, shape in zip(program.graph_signature.user_inputs, self.inputs):
-            value = placeholders[name].meta["val"]
-            for axis, size in enumerate(shape):
-                if not isinstance(size, str) or size == BATCH_AXIS:
-                    continue
-                upper = program.range_constraints.get(value.shape[axis].node.expr)
-                if upper is not None and upper.upper.is_finite:
-                    limits[size] = min(int(upper.upper), limits.get(size, int(upper.upper)))
-        return limits
-
-
-def input_stats(run: RunModel, layout: InputLayout, axes: Axes) -> tuple[dict[str, Any], dict[str, list[int]]]:
-    """Per input, the mean and (population) std of every feature over the training data; and
-    per integer input, its smallest and largest value.
-
-    Features are the elements of one flattened example, for the inputs whose examples all
-    have one shape (no dynamic axis besides the batch); float64 sums keep the statistics
-    exact enough for drift monitoring whatever the data set's size.
-    """
-    sums: dict[str, list[Any]] = {}  # name -> [Σx, Σx², samples]
-    extremes: dict[str, list[int]] = {}
-    for batch in run.loader(run.train_dataset, 1024):
-        for name, tensor, shape in zip(layout.names, layout.tensors(batch), axes.inputs):
-            if not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
-                low, high = extremes.get(name, [int(tensor.min()), int(tensor.max())])
-                extremes[name] = [min(low, int(tensor.min())), max(high, int(tensor.max()))]
-            if all(isinstance(size, int) for size in shape[1:]):
-                flat = tensor.reshape(len(tensor), -1).double()
-                total = sums.setdefault(name, [0.0, 0.0, 0])
-                total[0] = total[0] + flat.sum(0)
-                total[1] = total[1] + (flat * flat).sum(0)
-                total[2] += len(flat)
-    stats = {}
-    for name, (total, squares, samples) in sums.items():
-        mean = total / samples
-        std = (squares / samples - mean * mean).clamp(min=0).sqrt()
-        stats[name] = {"samples": samples, "mean": mean.tolist(), "std": std.tolist()}
-    return stats, extremes
 
 
 def evaluate(predict: Callable[..., torch.Tensor], run: RunModel, layout: InputLayout, batch_size: int
@@ -403,170 +178,6 @@ def evaluate(predict: Callable[..., torch.Tensor], run: RunModel, layout: InputL
             accumulator.update(loss, prediction, targets, samples_in(batch))
     metrics = accumulator.compute(lambda totals: totals)
     return {key: float(metrics[key]) for key in _METRIC_KEYS if key in metrics}
-
-
-# ---------------------------------------------------------------------------------------
-# Exporters: each writes its file and returns a callable that runs the file, and what
-# the manifest should say about the file besides its checks.
-
-Runner = Callable[..., torch.Tensor]
-"""Runs an exported file: input tensors (the layout's order) → the prediction."""
-Exported = tuple[Runner, dict[str, Any]]
-
-
-@dataclass
-class ExportSubject:
-    """What every format exports: the model's :class:`Prediction`, an example, the dynamic axes."""
-
-    module: Prediction
-    example: Inputs
-    names: tuple[str, ...]
-    axes: Axes
-    _program: torch.export.ExportedProgram | None = None
-
-    def program(self) -> torch.export.ExportedProgram:
-        """The ``torch.export`` program (made once)."""
-        if self._program is None:
-            with _quiet():
-                self._program = torch.export.export(self.module, self.example,
-                                                    dynamic_shapes=self.axes.dynamic_shapes())
-        return self._program
-
-    def axis_limits(self) -> dict[str, int]:
-        """What torch.export found bounds the dynamic axes; empty when it cannot capture the model
-        (the formats report why: this is only a description)."""
-        try:
-            return self.axes.limits(self.program())
-        except Exception:  # noqa: BLE001 — the exporters' many kinds; the formats report them
-            return {}
-
-
-@contextlib.contextmanager
-def _quiet_console() -> Iterator[None]:
-    """Swallow what a library prints (progress lines, advice, graph dumps) while it runs."""
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        yield
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Keep the exporters' progress prints, warnings and graph dumps off the console.
-
-    What matters reaches the user through the exception (see :func:`describe_failure`).
-    """
-    torch_log = logging.getLogger("torch")
-    level = torch_log.level
-    torch_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), _quiet_console():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        torch_log.setLevel(level)
-
-
-def export_program(subject: ExportSubject, path: Path) -> Exported:
-    """``model.pt2``: ``torch.export`` with the dynamic axes, saved and loaded back."""
-    program = subject.program()
-    with _quiet():
-        torch.export.save(program, path)
-        loaded = torch.export.load(path).module()
-    return loaded, {}
-
-
-def export_onnx(subject: ExportSubject, path: Path) -> Exported:
-    """``model.onnx``: ``torch.onnx.export(dynamo=True)``, run back with onnxruntime.
-
-    One self-contained file (no external weights file), so models up to ONNX's 2 GB limit.
-    """
-    with _quiet():
-        program = torch.onnx.export(subject.module, subject.example, dynamo=True,
-                                    input_names=list(subject.names), output_names=[OUTPUT_NAME],
-                                    dynamic_shapes=subject.axes.dynamic_shapes(),
-                                    external_data=False, verbose=False)
-        assert program is not None
-        program.save(path)
-    opset = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    return onnx_runner(path, subject.names), {"opset": opset}
-
-
-def onnx_runner(path: Path, names: tuple[str, ...]) -> Runner:
-    """Run an ONNX file with onnxruntime on torch tensors (its inputs in ``names`` order)."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-    def run(*inputs: torch.Tensor) -> torch.Tensor:
-        feed = {name: tensor.numpy() for name, tensor in zip(names, inputs)}
-        return torch.from_numpy(session.run(None, feed)[0])
-    return run
-
-
-def export_torchscript(subject: ExportSubject, path: Path) -> Exported:
-    """``model.ts``: ``torch.jit.trace`` (legacy), saved and loaded back.
-
-    The tracer's warnings (a branch frozen, a Python value recorded as a constant) go
-    to the manifest: they say where the trace may not generalise.
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with _quiet_console():
-            traced = torch.jit.trace(subject.module, subject.example)
-            traced.save(str(path))
-            loaded = torch.jit.load(str(path))
-    tracer_warnings = sorted({first_line(w.message) for w in caught
-                              if issubclass(w.category, torch.jit.TracerWarning)})
-    return loaded, {"note": TORCHSCRIPT_NOTE, "tracer_warnings": tracer_warnings}
-
-
-EXPORTERS: dict[str, Callable[[ExportSubject, Path], Exported]] = {
-    "onnx": export_onnx, "exported": export_program, "torchscript": export_torchscript}
-
-
-def describe_failure(exc: BaseException) -> str:
-    """One line on why an exporter failed: the operator or construct, and where in the model.
-
-    The exporters' messages run to pages (graph dumps, links, advice); the useful parts
-    are the missing ONNX operator, the first line of the innermost error, and the model
-    code that raised it.
-    """
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    text = "\n".join(str(item) for item in chain)
-    operator = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'", text)
-    if operator:
-        name = operator.group(1) + ("" if operator.group(2) == "default" else f".{operator.group(2)}")
-        return f"operator {name} has no ONNX translation in torch.onnx"
-    root = chain[-1]
-    first = re.sub(r"\x1b\[[0-9;]*m", "", first_line(root))
-    construct = ""
-    if "data-dependent" in text:
-        construct = "data-dependent control flow or shape (Python code that reads tensor values): "
-    elif "Constraints violated" in text or "specialized" in text:
-        construct = ("the model fixes the length of an axis the validation batches vary (the batch, "
-                     "or a padded sequence): ")
-    return f"{construct}{type(root).__name__}: {first}{_model_frame(chain, text)}"
-
-
-def _model_frame(chain: list[BaseException], text: str) -> str:
-    """`` at FILE:LINE in FUNC: CODE`` for the model code that raised, when it can be found."""
-    named = re.search(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in (\S+)\s*\n\s*(.+)',
-                      text)
-    if named:
-        return f" at {named.group(1)}:{named.group(2)} in {named.group(3)}: {named.group(4).strip()}"
-    torch_dir = str(Path(torch.__file__).parent)
-    for item in reversed(chain):
-        frames = [f for f in traceback.extract_tb(item.__traceback__)
-                  if not f.filename.startswith(torch_dir) and "site-packages" not in f.filename
-                  and not f.filename.startswith(str(Path(__file__).parent))]
-        if frames:
-            frame = frames[-1]
-            return f" at {frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
-    return ""
 
 
 # ---------------------------------------------------------------------------------------
@@ -603,7 +214,7 @@ def quantize_int8(source: Path, target: Path) -> None:
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to pre-process goes to the root logger
     try:
-        with _quiet_console():
+        with quiet_console():
             quantize_dynamic(source, target, weight_type=QuantType.QInt8)
     finally:
         root.setLevel(level)
@@ -722,7 +333,7 @@ def export_run(request: ExportRequest) -> dict[str, Any]:
                         "metrics_before": before, "metrics_after": after}
         log.info("int8: %.2fx the fp32 size; %s", quantization["size_ratio"], _compare(before, after))
 
-    stats, extremes = input_stats(run, layout, axes)
+    stats, extremes = input_stats(run.loader(run.train_dataset, 1024), layout, axes)
     ranges = _integer_ranges(run, layout, extremes)
     manifest = {
         "format_version": FORMAT_VERSION,

@@ -134,7 +134,7 @@ class TrainData:
     def epoch(self, seed: int, rank: int, epoch: int, offset: int) -> Iterator[Any]:
         """An iterator over epoch ``epoch``'s micro-batches from global sample ``offset`` on."""
         # Worker seeds depend on (seed, rank, epoch) only, so a resumed run draws the same.
-        self.loader.generator.manual_seed((seed * 1_000_003 + epoch) * 1009 + rank)  # type: ignore[union-attr]
+        self.loader.generator.manual_seed(((seed * 1_000_003 + epoch) * 1009 + rank) % 2**64)  # type: ignore[union-attr]
         self.position.set_position(epoch, offset)
         return iter(self.loader)
 

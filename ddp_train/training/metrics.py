@@ -15,7 +15,8 @@ from torch import nn
 
 from ddp_train.distributed.environment import DistEnv
 from ddp_train.distributed.precision import Precision
-from ddp_train.training.batches import IGNORE_INDEX, samples_in
+from ddp_train.errors import ConfigError
+from ddp_train.training.batches import IGNORE_INDEX, describe, samples_in
 from ddp_train.training.loaders import to_device
 from ddp_train.training.objective import Objective
 
@@ -60,6 +61,7 @@ class MetricAccumulator:
             self.sums[3] += correct.sum()
             self.sums[4] += weight
         elif self.task == "classification":
+            _check_classes(prediction, targets)
             classes = prediction.shape[-1]
             predicted = prediction.reshape(-1, classes).argmax(dim=-1)
             labels = targets.reshape(-1).long()
@@ -70,6 +72,10 @@ class MetricAccumulator:
         elif self.task == "regression":
             y = targets.detach().double().reshape(samples, -1)
             y_hat = prediction.double().reshape(samples, -1)
+            if y.shape != y_hat.shape:
+                raise ConfigError("eval.task", f"regression compares predictions with targets of the "
+                                               f"same shape, got {describe(prediction)} against "
+                                               f"{describe(targets)}; set eval.task to fit the data")
             stats = torch.stack([y.sum(0), (y * y).sum(0), ((y_hat - y) ** 2).sum(0),
                                  (y_hat - y).abs().sum(0), torch.full_like(y[0], samples)])
             self.regression = stats if self.regression is None else self.regression + stats
@@ -95,6 +101,20 @@ class MetricAccumulator:
                 metrics["val/accuracy"] = correct / tokens
             metrics["val/perplexity"] = math.exp(min(metrics["val/loss"], 700.0))
         return metrics
+
+
+def _check_classes(prediction: torch.Tensor, targets: Any) -> None:
+    """ConfigError unless the targets are class indices below the prediction's last dimension."""
+    ok = (isinstance(targets, torch.Tensor) and not targets.is_floating_point() and prediction.dim() >= 1
+          and targets.numel() * prediction.shape[-1] == prediction.numel())
+    if ok:
+        labels = targets[targets != IGNORE_INDEX]
+        ok = labels.numel() == 0 or (int(labels.min()) >= 0 and int(labels.max()) < prediction.shape[-1])
+    if not ok:
+        raise ConfigError("eval.task", f"classification expects integer class indices in [0, "
+                                       f"{prediction.shape[-1] if prediction.dim() else 0}) and one row "
+                                       f"of scores per target, got {describe(prediction)} against "
+                                       f"{describe(targets)}; set eval.task to fit the data")
 
 
 def _classification_metrics(confusion: torch.Tensor) -> dict[str, Any]:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from ddp_train.components.losses import LossFn
-from ddp_train.errors import BatchError
+from ddp_train.errors import BatchError, ConfigError, failure_summary
 from ddp_train.training.batches import (ModelCall, check_batch, check_signature, counted_targets, describe,
                                         read_output, split_batch)
 
@@ -57,13 +58,14 @@ class Objective:
                 return Evaluation(self.loss_fn(output, batch[1]), output, batch[1])
             return self._from_output(output, split_batch(batch, self.target_key), batch)
         call = split_batch(batch, self.target_key)
-        if not self._checked:
-            check_batch(call)
-            check_signature(model, call)
-        evaluation = self._from_output(call.run(model), call, batch)
-        if not self._checked:
-            _check_scalar(evaluation.loss, "the loss")
-            self._checked = True
+        if self._checked:
+            return self._from_output(call.run(model), call, batch)
+        check_batch(call)
+        check_signature(model, call)
+        with _first_batch("model", batch):
+            evaluation = self._from_output(call.run(model), call, batch)
+        _check_scalar(evaluation.loss, "the loss")
+        self._checked = True
         return evaluation
 
     def _from_output(self, raw_output: Any, call: ModelCall, batch: Any) -> Evaluation:
@@ -79,7 +81,11 @@ class Objective:
         return Evaluation(loss, output.prediction, call.targets)
 
     def _user_step(self, model: Callable[..., Any], batch: Any) -> Evaluation:
-        result = self.step_fn(model, batch)  # type: ignore[misc]
+        if self._checked:
+            result = self.step_fn(model, batch)  # type: ignore[misc]
+        else:
+            with _first_batch("train.step_fn", batch):
+                result = self.step_fn(model, batch)  # type: ignore[misc]
         extras: dict[str, Any] = {}
         if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Mapping):
             result, extras = result
@@ -87,6 +93,24 @@ class Objective:
             _check_scalar(result, "train.step_fn's loss")
             self._checked = True
         return Evaluation(result, None, None, dict(extras))
+
+
+@contextmanager
+def _first_batch(key: str, batch: Any) -> Iterator[None]:
+    """The first batch's failure in the user's model, loss or step_fn as one line (exit 2).
+
+    On the first batch such an error almost always means that the config and the data do
+    not fit each other (a layer size, the number of classes, a loss argument, eval.task);
+    the line that raised points at the fix. Later batches keep their tracebacks.
+    """
+    try:
+        yield
+    except (ConfigError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        raise BatchError(f"the first batch failed ({failure_summary(exc)}); check that model.args, "
+                         f"loss.args and eval.task fit the data, whose batches are {describe(batch)}",
+                         key) from None
 
 
 def _check_scalar(loss: Any, what: str) -> None:
