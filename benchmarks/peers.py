@@ -37,6 +37,7 @@ import importlib.util
 import itertools
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -324,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}")
     os.environ["OMP_NUM_THREADS"] = "1"  # read by the frameworks' thread setup in the ranks
+    # SIGTERM unwinds like Ctrl-C, so that spawned ranks are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = utc_now()
     with CpuWatch() as watch:
         results = run(plan["replicas"], plan["steps"], plan["warmup"], names, args.max_wait)

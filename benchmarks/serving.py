@@ -190,7 +190,7 @@ def measure(rounds: int, requests: int) -> dict[str, Any]:
     conditions["servers_cores"] = round(server_cpu / conditions["wall_s"], 2)
     return {"samples": samples, "startup_s": startup, "rss_mb": memory, "conditions": conditions,
             "model": {"name": "mlp", "args": manifest["source"]["model"]["args"],
-                      "input": manifest["input"], "onnx_bytes": manifest["formats"]["onnx"]["size_bytes"]}}
+                      "inputs": manifest["inputs"], "onnx_bytes": manifest["formats"]["onnx"]["size_bytes"]}}
 
 
 def summarize_cells(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

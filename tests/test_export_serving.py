@@ -4,7 +4,10 @@ One user model is trained once (a subprocess, world size 1) and exported once th
 CLI's entry point with every format and int8 quantization; the tests check the files
 independently of the exporter's own report (onnxruntime, torch.export.load, torch.jit.load,
 on batch sizes the exporter never tried) and talk to real server processes (``python -m
-ddp_train serve``) over loopback HTTP with the standard library's client.
+ddp_train serve``) over loopback HTTP with the standard library's client. Models with
+several named inputs (``input_ids``, ``attention_mask``: a user model and a Hugging Face
+BERT) fed by mapping batches through a padding collate are exported and served too, at
+batch sizes and sequence lengths the exporter never tried.
 """
 
 from __future__ import annotations

@@ -44,7 +44,9 @@ def atomic_write(path: Path, content: bytes | Callable[[BinaryIO], object]) -> N
     ``content`` is the bytes, or a function that writes them to a binary file (such as
     ``lambda file: torch.save(state, file)``). They go to :func:`temporary_path`, which
     is flushed and fsynced, renamed over ``path``, and the directory is fsynced so that the
-    rename itself survives a power loss. A failed write removes its temporary file.
+    rename itself survives a power loss. A failed write removes its temporary file and
+    raises the OSError that stopped it (a full disk), also where the writer's clean-up
+    replaced it with an error of its own.
     """
     temporary = temporary_path(path)
     try:
@@ -56,10 +58,27 @@ def atomic_write(path: Path, content: bytes | Callable[[BinaryIO], object]) -> N
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as exc:
         temporary.unlink(missing_ok=True)
+        masked = _masked_os_error(exc)
+        if masked is not None:
+            raise masked from None
         raise
     fsync_directory(path.parent)
+
+
+def _masked_os_error(exc: BaseException) -> OSError | None:
+    """The OSError that the error ``exc`` was raised while handling, if any.
+
+    torch.save closes its archive after a failed write, and the close fails too: a full
+    disk would read "RuntimeError: ... unexpected pos 257856 vs 257744".
+    """
+    if isinstance(exc, OSError) or not isinstance(exc, Exception):
+        return None
+    context = exc.__context__
+    while context is not None and not isinstance(context, OSError):
+        context = context.__context__
+    return context
 
 
 def _finite(value: Any) -> Any:

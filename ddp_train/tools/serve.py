@@ -81,7 +81,8 @@ def command(argv: list[str], prog: str) -> int:
     """``serve``: serve until interrupted (SIGINT/SIGTERM), then return 0."""
     args = _parser(prog).parse_args(argv)
     require(("fastapi", "uvicorn", "prometheus_client"), "serve", "ddp-train serve")
-    from ddp_train.tools.serving import ServeOptions, check_options, serve  # fastapi, onnxruntime: only when serving
+    # fastapi and onnxruntime load only when serving.
+    from ddp_train.tools.serving import ServeOptions, check_options, serve
 
     options = ServeOptions(args.path, args.host, args.port, args.backend, args.int8, args.max_batch,
                            args.max_body_bytes, args.threads, args.drift_window, args.drift_min_samples,

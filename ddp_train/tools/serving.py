@@ -187,7 +187,7 @@ class DriftMonitor:
                                   value=samples)
         if not self.inputs:
             return
-        z = np.where(self.varying, (mean - self.train_mean) / self.train_std, 0.0) if samples else np.zeros_like(mean)
+        z = np.where(self.varying & (samples > 0), (mean - self.train_mean) / self.train_std, 0.0)
         varying = np.abs(z[self.varying]) if self.varying.any() else np.zeros(1)
         yield GaugeMetricFamily("ddp_serve_input_drift_mean_abs_z",
                                 "Mean over features of |running input mean - training mean| / "

@@ -55,12 +55,11 @@ class InputSpec:
     def shape_text(self, max_batch: int) -> str:
         """The accepted shapes, for error messages."""
         one = [str(size) for size in self.example_shape]
-        text = f"[{', '.join(one)}] for one example or [N{''.join(', ' + d for d in one)}] for a batch of N ≤ {max_batch}"
-        axes = [size for size in self.example_shape if isinstance(size, str)]
-        if axes:
-            text += " (" + "; ".join(f"{axis}: any length ≥ 1" + (f" up to {self.limits[axis]}" if axis in self.limits
-                                                                     else "") for axis in axes) + ")"
-        return text
+        text = (f"[{', '.join(one)}] for one example or [N{''.join(', ' + d for d in one)}] "
+                f"for a batch of N ≤ {max_batch}")
+        bounds = [f"{axis}: any length ≥ 1" + (f" up to {self.limits[axis]}" if axis in self.limits else "")
+                  for axis in self.example_shape if isinstance(axis, str)]
+        return text + (f" ({'; '.join(bounds)})" if bounds else "")
 
     def values(self, value: Any, label: str, max_batch: int, booleans: bool) -> np.ndarray:
         """``value`` as an array of numbers of this input's kind, not yet converted.
@@ -189,7 +188,8 @@ class ModelInputs:
         if size > self.max_batch:
             raise BadRequest(413, f"inputs: a batch of {size} examples is over this server's "
                                   f"limit of {self.max_batch} (--max-batch); split it")
-        return {spec.name: spec.convert(arrays[spec.name], labels[spec.name], single) for spec in self.specs}, single
+        converted = {spec.name: spec.convert(arrays[spec.name], labels[spec.name], single) for spec in self.specs}
+        return converted, single
 
     def _named(self, inputs: Any) -> dict[str, Any]:
         """``inputs`` by input name: a list is the one input; an object must name every input."""
@@ -198,7 +198,8 @@ class ModelInputs:
             missing = [name for name in names if name not in inputs]
             unexpected = sorted(set(inputs) - set(names))
             if missing or unexpected:
-                problem = (f"lacks {missing[0]!r}" if missing else f"has {unexpected[0]!r}, which the model does not take")
+                problem = (f"lacks {missing[0]!r}" if missing
+                           else f"has {unexpected[0]!r}, which the model does not take")
                 raise BadRequest(422, f"inputs: expected the model's inputs {names}, but the object {problem}")
             return inputs
         if len(names) == 1:
