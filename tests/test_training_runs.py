@@ -192,5 +192,6 @@ def test_progress_lines_and_bar(workdir: Path, monkeypatch: pytest.MonkeyPatch,
     assert main(["logging.progress=bar", "train.max_steps=20", "run.name=bar"]) == 0
     assert "20/20" in capsys.readouterr().err  # tqdm's counter
     assert json.loads((workdir / "runs" / "bar" / "summary.json").read_text())["global_step"] == 20
+    # No temporaries left; the run's lock file stays (removing it would race the next run's lock).
     assert os.listdir(workdir / "runs" / "bar") and not any(
-        name.startswith(".") for name in os.listdir(workdir / "runs" / "bar"))  # no temporaries left
+        name.startswith(".") and name != ".lock" for name in os.listdir(workdir / "runs" / "bar"))

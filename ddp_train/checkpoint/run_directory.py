@@ -77,41 +77,45 @@ class RunDirectory:
         directory is created if missing). Held until :meth:`unlock` or the process's end,
         also a kill: the kernel releases it, so a restarted run finds it free.
         """
-        refusal: str | None = None
+        refusal: tuple[str, str] | None = None
         if ranks.is_main:
             refusal = self._try_lock()
         # Every rank learns the outcome: none goes on to wait for a rank 0 that gave up.
         refusal = ranks.broadcast_from_main(refusal)
         if refusal is not None:
-            raise ConfigError("run.name", refusal)
+            raise ConfigError(*refusal)
 
-    def _try_lock(self) -> str | None:
-        """Lock ``.lock``; None when taken, else why it cannot be."""
+    def _try_lock(self) -> tuple[str, str] | None:
+        """Lock ``.lock``; None when taken, else the config key and why it cannot be."""
         try:
             self.create()
             fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            return f"cannot create run directory {self.path}: {first_line(exc)}"
+            return "run.output_dir", f"cannot create run directory {self.path}: {first_line(exc)}"
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 500, 0).decode(errors="replace").strip() or "holder unknown"
             os.close(fd)
-            return (f"run directory {self.path} is in use by another run ({holder}); wait for "
-                    f"it to end, or choose another run.name")
+            return "run.name", (f"run directory {self.path} is in use by another run ({holder}); "
+                                f"wait for it to end, or choose another run.name")
         except OSError as exc:
             os.close(fd)
             if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
+                return "run.name", f"cannot lock run directory {self.path}: {first_line(exc)}"
             # Some network file systems (Lustre without -o flock) have no locks at all.
             log.warning("cannot lock %s (%s): a second run started on this directory would not "
                         "be stopped", self.path, os.strerror(exc.errno))
             return None
-        # Written in place: the lock belongs to this file (inode). Replacing it, as
-        # atomic_write does, would leave the next run a fresh, unlocked file.
-        holder = f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (holder + "\n").encode(), 0)
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        holder = f"pid {os.getpid()} on host {socket.gethostname()}, since {since}"
+        try:
+            # Written in place: the lock belongs to this file (inode). Replacing it, as
+            # atomic_write does, would leave the next run a fresh, unlocked file.
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (holder + "\n").encode(), 0)
+        except OSError:
+            pass  # a full disk: the lock holds all the same, only its holder goes unnamed
         self._lock_fd = fd
         _held_lock_fds.add(fd)
         return None

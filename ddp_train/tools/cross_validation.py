@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from torch.utils.data import Dataset, Subset
 
-from ddp_train.checkpoint.atomic import atomic_write
+from ddp_train.checkpoint.atomic import atomic_write, atomic_write_json, json_text
 from ddp_train.components.datasets import DATASETS
 from ddp_train.components.parts import PartsBuilder, build_datasets
 from ddp_train.config import format_override, load_config
@@ -167,8 +167,7 @@ def command(argv: list[str], prog: str) -> int:
     interrupted = stop.signal_name is not None
     summary = _summary(results, args.folds, args.stratified, config.run.seed,
                        "interrupted" if interrupted else "completed")
-    atomic_write(run_dir / "cv_summary.json",
-                 (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
+    atomic_write_json(run_dir / "cv_summary.json", summary)
     if interrupted:
         log.info("cv interrupted after %d of %d folds; run the same command again to continue",
                  sum(r["status"] in ("completed", "early_stopped") for r in results), args.folds)
@@ -196,7 +195,7 @@ def _write_split(path: Path, split: dict[str, Any]) -> None:
                                           f"run.name or remove {path.parent.parent}")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, (json.dumps(split) + "\n").encode())
+    atomic_write(path, (json_text(split) + "\n").encode())
 
 
 def _run_fold(k: int, child_args: list[str], nproc: int, fold_dir: Path,

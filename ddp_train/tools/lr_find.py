@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import math
 import tempfile
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ddp_train.checkpoint.atomic import atomic_write
+from ddp_train.checkpoint.atomic import atomic_write_json
 from ddp_train.config import TrainConfig, format_override, load_config
 from ddp_train.errors import TrainingFailed, UsageError
 from ddp_train.observability.plots import new_chart, save_chart
@@ -162,7 +161,7 @@ def command(argv: list[str], prog: str) -> int:
     }
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "lr_find.json", (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_json(run_dir / "lr_find.json", result)
     png = _plot(run_dir / "lr_find.png", result)
     where = f"{run_dir / 'lr_find.json'}" + (f", {png}" if png else "")
     if suggested is None:

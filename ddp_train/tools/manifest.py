@@ -30,7 +30,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ddp_train.checkpoint.atomic import atomic_write
+from ddp_train.checkpoint.atomic import atomic_write_json
 from ddp_train.errors import UsageError
 
 MANIFEST_NAME = "manifest.json"
@@ -57,7 +57,7 @@ def sha256_of(path: Path) -> str:
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     """Write ``manifest.json`` atomically (a reader never sees half of it)."""
     path = directory / MANIFEST_NAME
-    atomic_write(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_json(path, manifest)
     return path
 
 

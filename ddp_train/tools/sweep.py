@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ddp_train.checkpoint.atomic import atomic_write
+from ddp_train.checkpoint.atomic import atomic_write, atomic_write_json
 from ddp_train.config import config_to_yaml, format_override, load_config
 from ddp_train.errors import ConfigError, UsageError
 from ddp_train.extras import require
@@ -455,8 +455,7 @@ def write_outputs(optuna: Any, study: Any, settings: SweepSettings, status: str)
                    for t in trials],
     }
     run_dir = settings.run_dir
-    atomic_write(run_dir / "sweep_summary.json",
-                 (json.dumps(summary, indent=2, allow_nan=False, default=str) + "\n").encode())
+    atomic_write_json(run_dir / "sweep_summary.json", summary)
     if best is not None:
         config = load_config(settings.config_path, [
             *settings.overrides, *(format_override(k, v) for k, v in best.params.items()),

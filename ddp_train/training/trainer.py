@@ -81,9 +81,6 @@ class Trainer:
 
     def _build(self, builder: PartsBuilder, sinks: Sequence[MetricSink], callbacks: Sequence[Any]) -> None:
         config, env = self.config, self.env
-        # One run at a time in a run directory: locked before anything in it is read or
-        # written (resume, metrics); a busy one stops every rank before the parts are built.
-        self.run_dir.lock(env)
         configure_determinism(config.run.deterministic)
         # Same seed on every rank: identical data sets and initial weights everywhere.
         seed_everything(config.run.seed)
@@ -129,6 +126,9 @@ class Trainer:
         self.progress = TrainingProgress()
         self.running_loss = RunningLoss(env.device)
         self.running_extras = RunningExtras()
+        # One run at a time in a run directory: locked before anything in it is read or written
+        # (resume, metrics), and only now, so that a config error above leaves no trace there.
+        self.run_dir.lock(env)
         self.checkpoints = self.strategy.checkpoint_store(self.run_dir.checkpoints_path, config.checkpoint)
         resumed = self._resume()
         self.sinks: list[MetricSink] = list(sinks)
@@ -509,7 +509,8 @@ def _end_fit(trainer: Trainer, status: str, wall_time_s: float, failure: BaseExc
     if failure is None and not late:
         trainer.callbacks.call("on_fit_end", trainer, summary)  # a bug there: its traceback helps
     else:
-        _attempt(late, "a callback's on_fit_end", lambda: trainer.callbacks.call("on_fit_end", trainer, summary))
+        _attempt(late, "a callback's on_fit_end",
+                 lambda: trainer.callbacks.call("on_fit_end", trainer, summary))
     _report_end_errors(late, failure)
     return summary
 
