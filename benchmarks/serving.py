@@ -260,7 +260,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     machine = results["machine"]
     fig.suptitle(f"ddp-train serve, one example per request: {results['model']['name']} "
-                 f"{results['model']['input']['shape']} — startup onnxruntime "
+                 f"{results['model']['inputs'][0]['shape']} — startup onnxruntime "
                  f"{results['startup_s']['onnxruntime']:.2f} s / torch {results['startup_s']['torch']:.2f} s, "
                  f"RSS {results['rss_mb']['onnxruntime']:.0f} / {results['rss_mb']['torch']:.0f} MiB", fontsize=10)
     others = results["conditions"]["others_cores"]

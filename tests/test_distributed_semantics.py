@@ -203,7 +203,7 @@ def test_early_stopping_two_ranks_cli(workdir: Path) -> None:
 
 
 def _bucket_norms(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
-    """GradNorm against get_total_norm on DDP gradients that are views into its buckets."""
+    """GradNorm and get_total_norm on the same DDP gradients held in different bucket layouts."""
     from torch.nn.parallel import DistributedDataParallel
 
     from ddp_train.distributed.grad_norm import GradNorm
@@ -211,14 +211,11 @@ def _bucket_norms(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
 
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     results: dict[str, Any] = {}
-    torch.manual_seed(0)
-    for name, bucket_cap_mb, unused in [("one_bucket", 100.0, False), ("many_buckets", 0.05, False),
-                                        ("unused_parameter", 100.0, True)]:
+    for name, bucket_cap_mb, as_view in [("one_bucket", 100.0, True), ("many_buckets", 0.05, True),
+                                         ("no_views", 25.0, False)]:
+        torch.manual_seed(0)  # the same model, data and so gradients in every layout
         model = gpt(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
-        if unused:
-            model.spare = torch.nn.Linear(4, 4)  # gets no gradient: its bucket is not tiled
-        ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True,
-                                      find_unused_parameters=unused)
+        ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=as_view)
         params = [p for p in model.parameters() if p.requires_grad]
         norm = GradNorm(params)
         for step in range(3):  # DDP rebuilds its buckets after the first step
@@ -226,9 +223,7 @@ def _bucket_norms(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
             logits = ddp(tokens)
             torch.nn.functional.cross_entropy(logits.reshape(-1, 64), tokens.reshape(-1)).backward()
             grads = [p.grad for p in params if p.grad is not None]
-            ours, reference = norm(grads), torch.nn.utils.get_total_norm(grads)
-            results[f"{name}_{step}"] = (ours.item(), reference.item(),
-                                         None if norm._flats is None else len(norm._flats))
+            results[f"{name}_{step}"] = (norm(grads).item(), torch.nn.utils.get_total_norm(grads).item())
             for p in params:
                 p.grad = None
         del ddp
@@ -237,16 +232,13 @@ def _bucket_norms(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(120)
-def test_gradient_norm_over_ddp_buckets_equals_get_total_norm(tmp_path: Path) -> None:
-    """The per-step norm read from DDP's flat buckets is the norm of the gradients, with one
-    bucket, several, and when a parameter without a gradient leaves its bucket untiled."""
+def test_gradient_norm_does_not_depend_on_ddp_buckets(tmp_path: Path) -> None:
+    """The same gradients give the same norm, bit for bit, in one bucket, in many, before and
+    after DDP regroups its buckets, and without bucket views: a restarted run (whose first step
+    has DDP's initial layout) clips exactly as the uninterrupted one. It is get_total_norm's."""
     for result in spawn_ranks(_bucket_norms, 2, tmp_path, str(tmp_path)):
-        for key, (ours, reference, buckets) in result.items():
-            assert ours == pytest.approx(reference, rel=1e-6), key
-            if key.startswith("one_bucket"):
-                assert buckets == 1, key
-            elif key.startswith("many_buckets"):
-                # DDP buckets by bucket_cap_mb once it rebuilds them after the first step.
-                assert buckets is not None and (buckets > 1 or key.endswith("_0")), key
-            else:
-                assert buckets is None, key  # fell back to _foreach_norm
+        for step in range(3):
+            norms = {result[f"{name}_{step}"][0] for name in ("one_bucket", "many_buckets", "no_views")}
+            assert len(norms) == 1, (step, norms)
+        for key, (ours, reference) in result.items():
+            assert ours == reference, key

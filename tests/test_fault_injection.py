@@ -7,7 +7,6 @@ Real processes on CPU (gloo); each case's figure is in the README's reliability 
 from __future__ import annotations
 
 import errno
-import math
 import os
 import random
 import re
@@ -19,7 +18,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import psutil
 import pytest
@@ -50,12 +49,14 @@ def kill_tree(proc: subprocess.Popen[bytes]) -> None:
 # kill -9 of one rank at 10 random points of a 2-rank run, under torchrun --max-restarts=1.
 
 MAX_STEPS, CHECKPOINT_EVERY = 60, 7
-# Dropout, AdamW and a cosine schedule with warmup: every kind of state a resume must restore.
+# Dropout, AdamW, a cosine schedule with warmup and norm clipping (by a norm that must not
+# depend on DDP's bucket layout, which differs in a restarted run's first step): every kind
+# of state a resume must restore.
 # Hidden layers of 512 make a checkpoint of 3.6 MB, whose write takes 20-60 ms here: long
 # enough for the test to catch rank 0 in the middle of it.
 KILLABLE = ["model.args.hidden_sizes=[512,512]", "model.args.dropout=0.2", "optim.name=adamw",
             "optim.weight_decay=0.01", "schedule.name=cosine", "schedule.warmup_steps=5",
-            "data.batch_size=16", f"train.max_steps={MAX_STEPS}",
+            "data.batch_size=16", f"train.max_steps={MAX_STEPS}", "train.clip_grad_norm=0.5",
             f"checkpoint.every_steps={CHECKPOINT_EVERY}", "logging.every_steps=5",
             "logging.progress=none", "logging.system_metrics=false",
             "loss.name=user_components:killer_loss"]
@@ -241,10 +242,6 @@ def _kill_point_failures(job: KillJob, reference: KillJob) -> list[str]:
 
 # Metrics of the machine rather than of training: no two runs share them.
 _MACHINE_KEYS = ("train/samples_per_s", "train/tokens_per_s", "train/mfu", "train/peak_memory_gb")
-# The gradient norm of the first step after DDP is built is taken over its first-iteration
-# buckets, which DDP regroups after that step: summed in another grouping, it differs in the
-# 5th digit from the uninterrupted run's at the same step (the gradients themselves do not).
-_GRAD_NORM_RTOL = 1e-4
 
 
 def _metrics_difference(records: list[dict[str, object]], expected: list[dict[str, object]]) -> str:
@@ -254,18 +251,15 @@ def _metrics_difference(records: list[dict[str, object]], expected: list[dict[st
     for record, reference in zip(records, expected, strict=True):
         got, want = ({k: v for k, v in r.items() if not k.startswith(_MACHINE_KEYS)}
                      for r in (record, reference))
-        norm, expected_norm = got.pop("train/grad_norm", None), want.pop("train/grad_norm", None)
-        close = (norm == expected_norm or isinstance(norm, float) and isinstance(expected_norm, float)
-                 and math.isclose(norm, expected_norm, rel_tol=_GRAD_NORM_RTOL))
-        if got != want or not close:
-            return f"{got} (grad norm {norm}), expected {want} (grad norm {expected_norm})"
+        if got != want:
+            return f"{got}, expected {want}"
     return ""
 
 
 @pytest.mark.timeout(420)
 def test_kill9_at_ten_random_points_under_torchrun_restart_resumes_bitwise(tmp_path: Path) -> None:
     """10 of 10 runs killed once (4 of them mid-checkpoint-write) end bit-equal to an
-    uninterrupted run: model.pt and every logged training and validation value."""
+    uninterrupted run: model.pt, and every logged loss, LR and validation value."""
     reference = KillJob(tmp_path / "reference", None)
     jobs = [KillJob(tmp_path / f"point{index}", point) for index, point in enumerate(KILL_POINTS)]
     run_kill_jobs([reference, *jobs], CONCURRENT_JOBS, timeout=390)
@@ -309,9 +303,9 @@ def _elastic_agent(port: int, workdir: Path, name: str) -> subprocess.Popen[byte
                                 stderr=stderr, stdin=subprocess.DEVNULL)
 
 
-def _wait_until(condition: object, what: str, timeout: float) -> None:
+def _wait_until(condition: Callable[[], bool], what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
+    while not condition():
         if time.monotonic() > deadline:
             pytest.fail(f"no {what} within {timeout} s")
         time.sleep(0.02)
@@ -326,12 +320,22 @@ def _listening(port: int) -> bool:
 
 
 def _steps_logged(log: Path, attempt: int) -> list[int]:
+    """Optimizer steps each rank of restart attempt ``attempt`` has trained (begun) so far."""
     return [len(path.read_text().splitlines())
             for path in sorted(log.parent.glob(f"{log.name}.attempt{attempt}.rank*"))]
 
 
+def _both_ranks_trained(log: Path, steps: int) -> bool:
+    """Whether both ranks of the first attempt have begun ``steps`` steps."""
+    logged = _steps_logged(log, 0)
+    return len(logged) == 2 and min(logged) >= steps
+
+
 @pytest.mark.timeout(240)
 def test_an_elastic_job_that_loses_a_node_mid_epoch_finishes_every_sample_once(tmp_path: Path) -> None:
+    """Two agents (world size 2); the one not hosting the c10d store is killed with its worker
+    mid-epoch. The survivor restarts at world size 1 from the newest checkpoint and completes;
+    what the final model trained on is every sample of the epoch exactly once."""
     port, log = free_port(), tmp_path / "ids"
     survivor = _elastic_agent(port, tmp_path, "survivor")
     victim: subprocess.Popen[bytes] | None = None
@@ -340,11 +344,7 @@ def test_an_elastic_job_that_loses_a_node_mid_epoch_finishes_every_sample_once(t
         _wait_until(lambda: _listening(port) or survivor.poll() is not None, "c10d store", 60)
         assert survivor.poll() is None, (tmp_path / "survivor.stderr").read_text()
         victim = _elastic_agent(port, tmp_path, "victim")
-        def both_ranks_trained_5_steps() -> bool:
-            steps = _steps_logged(log, 0)
-            return len(steps) == 2 and min(steps) >= 5
-
-        _wait_until(lambda: both_ranks_trained_5_steps() or survivor.poll() is not None,
+        _wait_until(lambda: _both_ranks_trained(log, 5) or survivor.poll() is not None,
                     "5 steps at world size 2", 120)
         assert survivor.poll() is None, (tmp_path / "survivor.stderr").read_text()
         store_hosts = {c.laddr.port for c in psutil.Process(survivor.pid).net_connections("tcp")
@@ -397,6 +397,8 @@ def _mount_namespaces_work() -> bool:
 @pytest.mark.parametrize("async_save", [False, True])
 def test_a_disk_full_mid_save_fails_in_one_line_and_keeps_the_previous_checkpoint(
         async_save: bool, tmp_path: Path) -> None:
+    """The second checkpoint fills the disk part-way: exit 1 with one line that says so, the
+    first checkpoint complete and loadable, no temporary file left."""
     if not _mount_namespaces_work():
         pytest.skip("needs unshare -m and tmpfs mounts (root or user namespaces)")
     disk, copy = tmp_path / "disk", tmp_path / "after"

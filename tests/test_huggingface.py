@@ -96,9 +96,10 @@ def gpt2_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     try:
         fsdp_ranks = spawn_ranks(_fsdp_gpt2, 2, root / "fsdp", str(root / "fsdp"), timeout=200)
         deadline = time.monotonic() + 200
-        results = {name: subprocess.CompletedProcess(proc.args, proc.returncode,
-                                                     *proc.communicate(timeout=max(deadline - time.monotonic(), 1)))
-                   for name, proc in procs.items()}
+        results = {}
+        for name, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+            results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     finally:
         for proc in procs.values():  # a timeout or a failed rank: no orphans
             if proc.poll() is None:
@@ -133,8 +134,10 @@ def test_gpt2_two_ranks_match_one_rank_with_twice_the_batch(gpt2_runs: dict[str,
 @pytest.mark.timeout(300)
 def test_gpt2_fsdp_shards_every_block_and_matches_ddp(gpt2_runs: dict[str, Any]) -> None:
     for rank in gpt2_runs["fsdp"]:
-        # A unit per GPT2Block (2 layers), then the root with the embeddings and the head.
-        assert rank["units"] == ["GPT2LMHeadModel", "GPT2Block", "GPT2Block"] and rank["status"] == "completed"
+        # A unit per GPT2Block (2 layers), then the root with the embeddings and the head
+        # (fully_shard gives each unit's class an FSDP prefix).
+        assert rank["units"] == ["FSDPGPT2LMHeadModel", "FSDPGPT2Block", "FSDPGPT2Block"]
+        assert rank["status"] == "completed"
         assert rank["local"] <= 0.55 * rank["full"]  # each rank holds about half of every parameter
     # Reduce-scatter and all-reduce add in different orders: equal up to float rounding.
     _assert_close(load_model(gpt2_runs["dirs"]["fsdp"]), load_model(gpt2_runs["dirs"]["ddp"]), atol=1e-5)

@@ -67,7 +67,7 @@ class PreemptionWatch(SignalFlag):
 
     def ignore_late(self, name: str) -> None:
         """Log a signal that came after training ended (the command keeps the handlers until exit)."""
-        log.warning("%s received after training ended: ignored, the run's result stands", name)
+        log.warning("%s received after training ended (or failed): ignored, the run's outcome stands", name)
 
     def agreed(self) -> bool:
         """Call once per optimizer step on every rank: True when all ranks should stop now."""

@@ -21,9 +21,8 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast
 
 from ddp_train.checkpoint.atomic import atomic_write
 
-KEYWORDS = (("apple", "pear", "plum"), ("river", "lake", "sea"), ("stone", "rock", "sand"),
-            ("cloud", "rain", "snow"))
-"""The classes: a text's label is the index of the group its one keyword comes from."""
+KEYWORDS = (("bad", "poor", "awful", "sad"), ("good", "great", "fine", "glad"))
+"""The classes, negative (0) and positive (1): a text's label is the group its one keyword is from."""
 FILLERS = tuple(f"{consonant}{vowel}{end}" for consonant in "bdfgklmnpt" for vowel in "aeiou"
                 for end in ("n", "r", "s", "x"))
 """200 made-up words that say nothing about the label."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import BertConfig, BertForSequenceClassification
 
 
-def bert(vocab_size: int = 216, num_labels: int = 4, num_hidden_layers: int = 2,
+def bert(vocab_size: int = 212, num_labels: int = 2, num_hidden_layers: int = 2,
          hidden_size: int = 128, num_attention_heads: int = 4, max_position_embeddings: int = 64,
          dropout: float = 0.1) -> BertForSequenceClassification:
     """A freshly initialised BERT; ``vocab_size`` and ``num_labels`` come from the data set's hints."""
