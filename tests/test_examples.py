@@ -109,7 +109,7 @@ def test_bert_jsonl_reaches_90_percent(runs: dict[str, tuple[subprocess.Complete
 def test_image_folder_learns_the_shapes(runs: dict[str, tuple[subprocess.CompletedProcess[str], Path]]) -> None:
     summary, _ = _finished(runs, "image_folder")
     # Four classes: chance is 0.25.
-    assert summary["final"]["val/accuracy"] >= 0.5, summary["final"]
+    assert summary["final"]["val/accuracy"] >= 0.6, summary["final"]
     assert summary["final"]["val/samples"] == 100
 
 

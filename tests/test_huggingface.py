@@ -187,5 +187,5 @@ def test_image_folder_with_workers_at_three_ranks(workdir: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     summary = read_summary(workdir / "runs" / "image_folder")
     assert summary["world_size"] == 3 and summary["final"]["val/samples"] == 100
-    assert summary["final"]["val/accuracy"] >= 0.5, summary["final"]  # chance: 0.25
+    assert summary["final"]["val/accuracy"] >= 0.6, summary["final"]  # chance: 0.25
     assert len(list((workdir / "data" / "shapes").rglob("*.png"))) == 500
