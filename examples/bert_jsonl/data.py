@@ -71,7 +71,7 @@ class TokenizedTexts(Dataset):
 
     task = "classification"
 
-    def __init__(self, rows: Any) -> None:
+    def __init__(self, rows: datasets.Dataset) -> None:
         self.rows = rows
         self.model_hints = {"vocab_size": len(tokenizer()), "num_labels": len(KEYWORDS)}
 
@@ -88,14 +88,15 @@ def keyword_texts(directory: str = "data/bert_jsonl", n_train: int = 2000, n_val
     written first if missing."""
     root = Path(directory)
     files = {"train": root / "train.jsonl", "validation": root / "val.jsonl"}
-    for (split, path), n_samples in zip(files.items(), (n_train, n_val)):
+    samples_and_seeds = {"train": (n_train, seed), "validation": (n_val, seed + 1)}
+    for split, path in files.items():
         if not path.exists():
-            write_jsonl(path, n_samples, seed + (split == "validation"))
+            write_jsonl(path, *samples_and_seeds[split])
     # Every rank would draw progress bars for loading and tokenizing; the run has its own.
     datasets.disable_progress_bars()
     # The Arrow cache goes next to the files rather than into the user's home directory.
-    splits = datasets.load_dataset("json", data_files={k: str(v) for k, v in files.items()},
-                          cache_dir=str(root / "cache"))
+    splits = datasets.load_dataset("json", data_files={split: str(path) for split, path in files.items()},
+                                   cache_dir=str(root / "cache"))
     encode = tokenizer()
 
     def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:

@@ -79,8 +79,10 @@ class Pieces(Dataset):
 def random_lengths(total: int, min_len: int, max_len: int, generator: torch.Generator) -> list[int]:
     """Lengths drawn uniformly from [min_len, max_len] until ``total`` tokens are used up."""
     lengths: list[int] = []
-    while sum(lengths) + max_len <= total:
+    used = 0
+    while used + max_len <= total:
         lengths.append(int(torch.randint(min_len, max_len + 1, (), generator=generator)))
+        used += lengths[-1]
     return lengths
 
 
