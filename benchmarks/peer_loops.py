@@ -14,18 +14,28 @@ the lengths vary, the work does not. The contenders' samplers draw different ord
 framework shards its data its own way), and padding each batch only to its longest
 sequence would hand them different amounts of work per step.
 
-The clock (:class:`ForwardClock`) is the same for every contender: a forward pre-hook on
-the ``GPT2LMHeadModel`` itself, which every framework calls exactly once per optimizer step
+The clock (:class:`Pacer`) is the same for every contender: a forward pre-hook on the
+``GPT2LMHeadModel`` itself, which every framework calls exactly once per optimizer step
 however it wraps the model. The time between two consecutive forward starts is one whole
 step of that framework's own loop: loading and collating the batch, forward, backward, the
 gradient all-reduce, the optimizer step and the framework's bookkeeping. The hook reads
-the wall clock and the process's CPU time.
+the wall clock and the process's CPU time; a global optimizer hook marks the end of each
+optimizer step, which splits a step into the step itself and the loop's work between steps.
+
+All contenders run in the same pair of processes, each in a thread of its own that runs
+its framework's real loop (``Trainer.train()``, ``Trainer.fit()``, a hand-written ``for``)
+from start to end; the :class:`Baton` lets one run at a time, a few steps per turn, in an
+order every rank shares. Neighbouring turns share the state of the machine, which on this
+VM drifts between fast and slow for seconds to minutes at a time and differs from one
+process to the next by up to 20%.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from itertools import islice
@@ -132,27 +142,107 @@ def held_out_loss(model: nn.Module) -> float:
     return loss
 
 
-class ForwardClock:
-    """A forward pre-hook that records when each forward of the model starts: the wall clock
-    and the process's CPU time (all its threads).
+class ContenderAborted(RuntimeError):
+    """Raised in a waiting contender's thread when another contender failed."""
 
-    Its cost (two clock reads and two appends per step, about 2 µs, plus the hook dispatch of
-    one module) is paid alike by every contender.
+
+class Baton:
+    """Lets the contenders' threads of one process run one at a time, turn by turn.
+
+    ``turns`` names whose turn comes next, the same list on every rank, so that the
+    collectives the frameworks issue (DDP's broadcasts and all-reduces, barriers) come in the
+    same order on every rank and pair up. A thread waits with :meth:`wait_for` and ends its
+    turn with :meth:`pass_on`; a failed contender calls :meth:`fail`, which stops every
+    waiting thread.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.wall: list[float] = []
-        self.cpu: list[float] = []
-        self._handle = model.register_forward_pre_hook(self._mark)
+    def __init__(self, turns: list[str]) -> None:
+        self.turns = turns
+        self._index = 0
+        self._condition = threading.Condition()
+        self.failure: BaseException | None = None
 
-    def _mark(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self.wall.append(time.perf_counter())
-        self.cpu.append(time.process_time())
+    def wait_for(self, name: str) -> None:
+        """Block until it is ``name``'s turn (ContenderAborted if a contender failed)."""
+        with self._condition:
+            self._condition.wait_for(lambda: self.failure is not None or self._current() == name)
+            if self.failure is not None:
+                raise ContenderAborted(f"{name}: stopped, another contender failed")
 
-    def remove(self) -> tuple[list[float], list[float]]:
-        """Stop marking; the wall and CPU marks so far."""
+    def _current(self) -> str | None:
+        return self.turns[self._index] if self._index < len(self.turns) else None
+
+    def pass_on(self) -> None:
+        """End the current turn."""
+        with self._condition:
+            self._index += 1
+            self._condition.notify_all()
+
+    def fail(self, failure: BaseException) -> None:
+        """Record the first failure and wake every waiting thread."""
+        with self._condition:
+            if self.failure is None:
+                self.failure = failure
+            self._condition.notify_all()
+
+
+class Pacer:
+    """A forward pre-hook on one contender's model: its clock, and its turns on the :class:`Baton`.
+
+    Every forward start is marked with the wall clock and the process's CPU time (all its
+    threads), and every end of an optimizer step (:meth:`optimizer_stepped`, called by a
+    global optimizer hook) with the wall clock. A turn is ``steps_per_turn[i]`` steps (the
+    last turn has no bound): at the forward that would start the next step, the pacer passes
+    the baton on and waits for its next turn, then marks anew. So each turn's marks are
+    ``steps + 1`` forward starts of consecutive steps of the framework's own loop, never
+    spanning a pause. The cost (three clock reads and appends and a length check per step,
+    about 3 µs, plus the hook dispatch of one module) is paid alike by every contender.
+    """
+
+    def __init__(self, name: str, model: nn.Module, baton: Baton, steps_per_turn: list[int]) -> None:
+        self.name, self.baton, self.steps_per_turn = name, baton, steps_per_turn
+        self.wall: list[list[float]] = [[]]
+        """The wall-clock marks of each turn's forward starts."""
+        self.cpu: list[list[float]] = [[]]
+        """The CPU-time marks of each turn's forward starts."""
+        self.optimizer_ends: list[list[float]] = [[]]
+        """The wall-clock marks of each turn's optimizer step ends."""
+        self._handle = model.register_forward_pre_hook(self._on_forward)
+
+    def _mark(self) -> None:
+        self.wall[-1].append(time.perf_counter())
+        self.cpu[-1].append(time.process_time())
+
+    def _on_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._mark()
+        turn = len(self.wall) - 1
+        if turn < len(self.steps_per_turn) and len(self.wall[-1]) > self.steps_per_turn[turn]:
+            self.baton.pass_on()
+            self.baton.wait_for(self.name)
+            for marks in (self.wall, self.cpu, self.optimizer_ends):
+                marks.append([])
+            self._mark()
+
+    def optimizer_stepped(self) -> None:
+        """Mark the end of an optimizer step (of the optimizer or of a wrapper around it)."""
+        self.optimizer_ends[-1].append(time.perf_counter())
+
+    def between_steps(self, turn: int) -> list[float]:
+        """Per step of ``turn``: from the end of its last optimizer step to the next forward
+        start, the loop's work between two steps (zero_grad, LR schedule, callbacks, logging
+        checks, the next batch: loading, collating, moving)."""
+        starts, ends = self.wall[turn], self.optimizer_ends[turn]
+        gaps = []
+        for start, following in itertools.pairwise(starts):
+            inside = [end for end in ends if start < end < following]
+            if not inside:
+                raise RuntimeError(f"{self.name}: a step without an optimizer step")
+            gaps.append(following - inside[-1])
+        return gaps
+
+    def remove(self) -> None:
+        """Stop marking."""
         self._handle.remove()
-        return self.wall, self.cpu
 
 
 @dataclass

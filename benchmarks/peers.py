@@ -5,29 +5,35 @@ What is measured: the median time of one optimizer step of a Hugging Face causal
 attention masks and labels −100; see ``peer_loops.py``) trained by 2 gloo ranks under each
 contender of :data:`peer_loops.CONTENDERS`: a hand-written DDP loop (the baseline),
 ddp_train's ``Trainer.fit()``, Hugging Face's ``Trainer``, Accelerate and Lightning, plus a
-second run of the hand-written loop as the A/A control. A contender whose package is not
+second copy of the hand-written loop as the A/A control. A contender whose package is not
 installed is skipped and named in the results.
 
-Why the comparison is fair: every contender trains the same model from the same seed on the
-same data, batch, optimizer (torch's AdamW, same settings, constant LR, no clipping) and
-precision (fp32), through its own real training loop with its own defaults otherwise, and
-is timed by the same clock, a forward pre-hook on the model (``peer_loops.ForwardClock``):
-a step is the time from one forward start to the next, so it holds everything the
-framework does per step. The first ``warmup`` steps of every run are dropped (allocator,
-DDP's bucket rebuild after the first step). Each run is a fresh pair of spawned processes
-(one core and one intra-op thread per rank, gloo), so frameworks that own their loop
-(``Trainer.train()``, ``Trainer.fit()``) run it unchanged from start to end.
+Why the comparison is fair: every contender trains its own copy of the same model (same
+seed) on the same data, batch, optimizer (torch's AdamW, same settings, constant LR, no
+clipping) and precision (fp32), through its own real training loop with its own defaults
+otherwise, and is timed by the same clock, a forward pre-hook on the model
+(``peer_loops.Pacer``): a step is the time from one forward start to the next, so it holds
+everything the framework does per step, in wall time and in the rank's CPU time.
 
-Interleaving: a replica runs every contender once, in an order shuffled per replica;
-replicas follow one another, so drift of a shared machine hits every contender alike.
-Results are medians of all timed steps pooled over the replicas; each ratio to the hand
-loop comes with a 95% interval from resampling whole replicas (the contenders of a replica
-ran next to each other in time), the spread the A/A control's interval shows too.
+Interleaving: in each replica (a fresh pair of spawned processes, one core and one
+intra-op thread per rank) every contender runs its framework's loop in a thread of its own,
+and the threads take turns (``peer_loops.Baton``): first each one's start-up and
+``warmup`` steps, then ``rounds`` rounds in which each contender runs ``steps_per_turn``
+steps, in an order shuffled every round (the same on both ranks), then each one's last
+step and teardown. The first step of every turn runs after the other frameworks' turns
+(cold caches) and is dropped; the others are timed. Neighbouring turns share the
+machine's state: on this VM it drifts between fast and slow for seconds to minutes, and a
+fresh process pair runs the same loop up to 20% faster or slower than the last one, so
+contenders timed in separate processes could not be compared to a few per cent.
 
-Run: ``PYTHONPATH=. python benchmarks/peers.py [--quick] [--replicas N] [--steps N]
+Results are medians of all timed steps pooled over replicas and rounds; each ratio to the
+hand loop comes with a 95% interval from resampling replicas, then rounds within them
+(:func:`common.paired_bootstrap`), the spread the A/A control's interval shows too.
+
+Run: ``PYTHONPATH=. python benchmarks/peers.py [--quick] [--replicas N] [--rounds N]
 [--only NAME,...] [--out DIR]``; writes ``peers.json`` (``peers_quick.json`` with
 ``--quick``: every step time, medians, ratios, intervals, the machine and its load during
-each run) and ``peers.png``. The step times are a 2-core CPU's: compare ratios.
+each replica) and ``peers.png``. The step times are a 2-core CPU's: compare ratios.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -47,10 +54,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from common import (CpuWatch, init_process_group, machine_info, median, paired_bootstrap,
                     shuffled_rounds, spawn_ranks, summarize, utc_now, wait_for_quiet)
-from peer_loops import (BATCH_SIZE, BLOCK_SIZE, CONTENDERS, LR, ForwardClock, Setup, build_model,
+from peer_loops import (BATCH_SIZE, BLOCK_SIZE, CONTENDERS, LR, Baton, Pacer, Setup, build_model,
                         held_out_loss, train_sequences)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,18 +67,25 @@ OURS = "ddp_train"
 GOAL = 1.03
 """Upper bound of ddp_train's step time over the hand-written loop's."""
 PLANS: dict[str, dict[str, int]] = {
-    "quick": {"replicas": 2, "steps": 30, "warmup": 8},
-    "full": {"replicas": 6, "steps": 100, "warmup": 10},
+    "quick": {"replicas": 2, "rounds": 10, "steps_per_turn": 4, "warmup": 5},
+    "full": {"replicas": 5, "rounds": 50, "steps_per_turn": 4, "warmup": 5},
 }
-"""Replicas, timed steps per run and warm-up steps dropped before them."""
-RUN_TIMEOUT_S = 600
-CLOCKS = {"wall": "step_s", "cpu": "cpu_s"}
-"""The two clocks of every step (keys of a run): wall time from one forward start to the next
-(the step time), and the CPU time rank 0 used meanwhile, all its threads together (the
-framework's own work, which other load on a shared machine delays but does not add to)."""
+"""Replicas (fresh process pairs), rounds per replica, steps per contender's turn (the first
+of each dropped), warm-up steps of every contender before the rounds."""
+COLD_STEPS = 1
+"""Steps at the start of every turn that are not timed: they run after the other
+frameworks' turns, with their data and code out of the caches."""
+REPLICA_TIMEOUT_S = 1200
 QUIET_CORES = 0.25
 """A replica starts once other processes and the host's other guests take fewer cores than
 this (or a wait of ``max_wait_s`` has passed)."""
+CLOCKS = {"wall": "step_s", "cpu": "cpu_s", "between": "between_s"}
+"""What is timed of every step (keys of a contender's rounds): ``wall``, the wall time from
+one forward start to the next (the step time); ``cpu``, the CPU time rank 0 used meanwhile,
+all its threads together (the work itself, which other load on a shared machine delays but
+adds little to); ``between``, the wall time from the end of the optimizer step to the next
+forward start (the loop's work between steps: a short interval, so its differences are
+resolved to tens of µs where the whole step's drown in the machine's noise)."""
 
 
 def available(names: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -94,92 +109,148 @@ def _find_spec(module: str) -> Any:
         return None
 
 
-def _rank_main(rank: int, world_size: int, name: str, steps: int, warmup: int) -> dict[str, Any]:
-    """One contender's run in one rank: its step times (rank 0's are kept) and held-out losses."""
+def _contender_thread(name: str, setup: Setup, baton: Baton, settings: dict[str, Any]) -> None:
+    """Run one contender's whole training in this thread, on its turns."""
+    try:
+        baton.wait_for(name)
+        settings.update(CONTENDERS[name].train(setup))
+    except BaseException as failure:  # noqa: BLE001  (re-raised by the main thread)
+        baton.fail(failure)
+        return
+    baton.pass_on()  # its last turn ends with its run
+
+
+def _rank_main(rank: int, world_size: int, names: list[str], orders: list[list[str]],
+               steps_per_turn: int, warmup: int) -> dict[str, Any]:
+    """One replica in one rank: every contender's timed steps per round, and its held-out
+    losses before and after training."""
     # The frameworks' deprecation notes and advice would fill the output of every run.
     warnings.simplefilter("ignore")
     init_process_group(rank, world_size, torch.device("cpu"))
-    forwards = warmup + steps + 1  # one more forward than intervals
-    model = build_model()
+    forwards = warmup + len(orders) * steps_per_turn + 1  # +1: the forward that ends the last turn
     dataset = train_sequences(forwards, world_size)
-    loss_before = held_out_loss(model)
-    clock = ForwardClock(model)
+    # Turns: each contender's start-up and warm-up, the rounds, each one's last step and teardown.
+    baton = Baton([*names, *itertools.chain.from_iterable(orders), *names])
+    models = {name: build_model() for name in names}
+    losses_before = {name: held_out_loss(model) for name, model in models.items()}
+    pacers = {name: Pacer(name, model, baton, [warmup] + [steps_per_turn] * len(orders))
+              for name, model in models.items()}
+    settings: dict[str, dict[str, Any]] = {name: {} for name in names}
+
+    def optimizer_stepped(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # One contender runs at a time, each in the thread named after it.
+        pacer = pacers.get(threading.current_thread().name)
+        if pacer is not None:
+            pacer.optimizer_stepped()
+
+    hook = register_optimizer_step_post_hook(optimizer_stepped)
     with tempfile.TemporaryDirectory(prefix="ddp_bench_peers_") as work_dir:
-        started = time.perf_counter()
-        settings = CONTENDERS[name].train(Setup(model, dataset, forwards, rank, world_size, work_dir))
-        wall_s = time.perf_counter() - started
-    wall, cpu = clock.remove()
-    if len(wall) != forwards:
-        raise RuntimeError(f"{name}: expected {forwards} forwards, the clock counted {len(wall)}")
-    loss_after = held_out_loss(model)
-    if dist.is_initialized():  # some frameworks take the group down themselves
-        dist.barrier()
-        dist.destroy_process_group()
-    steps_s = [b - a for a, b in itertools.pairwise(wall)]
-    cpu_s = [b - a for a, b in itertools.pairwise(cpu)]
-    return {"step_s": steps_s[warmup:], "cpu_s": cpu_s[warmup:], "warmup_step_s": steps_s[:warmup],
-            "wall_s": wall_s, "loss_before": loss_before, "loss_after": loss_after,
-            "settings": settings}
+        threads = [threading.Thread(target=_contender_thread, name=name, daemon=True, args=(
+            name, Setup(models[name], dataset, forwards, rank, world_size, f"{work_dir}/{name}"),
+            baton, settings[name])) for name in names]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    hook.remove()
+    if baton.failure is not None:
+        raise baton.failure
+    results = {}
+    for name, pacer in pacers.items():
+        pacer.remove()
+        counted = sum(len(marks) for marks in pacer.wall) - len(orders) - 1  # resumes mark twice
+        if counted != forwards:
+            raise RuntimeError(f"{name}: expected {forwards} forwards, the clock counted {counted}")
+        intervals = {clock: [[b - a for a, b in itertools.pairwise(marks)] for marks in turns]
+                     for clock, turns in (("step_s", pacer.wall), ("cpu_s", pacer.cpu))}
+        intervals["between_s"] = [pacer.between_steps(turn) for turn in range(len(pacer.wall))]
+        # Turn 0 is the warm-up, the last one the final step: neither is timed.
+        results[name] = {**{key: [turn[COLD_STEPS:] for turn in turns[1:-1]]
+                            for key, turns in intervals.items()},
+                         "warmup_step_s": intervals["step_s"][0],
+                         "loss_before": losses_before[name], "loss_after": held_out_loss(models[name]),
+                         "settings": settings[name]}
+    dist.barrier()
+    dist.destroy_process_group()
+    return results
 
 
-def measure(names: list[str], orders: list[list[str]], steps: int, warmup: int, max_wait_s: float
-            ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
-    """Every contender once per replica, in that replica's order: rank 0's runs by contender,
-    and how quiet the machine was before each replica (it waits up to ``max_wait_s`` for
-    other processes to take less than :data:`QUIET_CORES`)."""
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    replicas = len(orders)
-    waits = []
-    for replica, order in enumerate(orders):
-        waits.append(wait_for_quiet(None, QUIET_CORES, max_wait_s))
-        for name in order:
-            with CpuWatch() as watch:
-                result = spawn_ranks(_rank_main, 2, name, steps, warmup, timeout=RUN_TIMEOUT_S)[0]
-            result.update({"replica": replica, "conditions": watch.result})
-            runs[name].append(result)
-            print(f"  replica {replica + 1}/{replicas} {name:<11} median step "
-                  f"{median(result['step_s']) * 1e3:7.2f} ms, CPU {median(result['cpu_s']) * 1e3:7.2f} ms "
-                  f"(others took "
-                  f"{watch.result['others_cores']:.2f} cores)", flush=True)
-    return runs, waits
+def measure(names: list[str], replicas: int, rounds: int, steps_per_turn: int, warmup: int,
+            max_wait_s: float) -> tuple[list[dict[str, Any]], list[list[list[str]]]]:
+    """Every replica: its rank-0 results by contender, with the load during it (``conditions``)
+    and how quiet the machine was before it (it waits up to ``max_wait_s`` for other processes
+    to take less than :data:`QUIET_CORES`); and every replica's round orders."""
+    replica_results, replica_orders = [], []
+    for replica in range(replicas):
+        orders = shuffled_rounds(names, rounds, seed=replica)
+        quiet = wait_for_quiet(None, QUIET_CORES, max_wait_s)
+        with CpuWatch() as watch:
+            result = spawn_ranks(_rank_main, 2, names, orders, steps_per_turn, warmup,
+                                 timeout=REPLICA_TIMEOUT_S)[0]
+        replica_results.append({"contenders": result, "quiet_before": quiet,
+                                "conditions": watch.result})
+        replica_orders.append(orders)
+        print(f"  replica {replica + 1}/{replicas} ({watch.result['wall_s']:.0f} s, other processes "
+              f"took {watch.result['others_cores']:.2f} cores): median step, ms: " + ", ".join(
+                  f"{name} {median([x for turn in result[name]['step_s'] for x in turn]) * 1e3:.1f}"
+                  for name in names), flush=True)
+    return replica_results, replica_orders
 
 
 def _ratio(a: list[float], b: list[float]) -> float:
     return median(a) / median(b)
 
 
-def compare(runs: dict[str, list[dict[str, Any]]], key: str) -> dict[str, Any]:
-    """One clock's numbers (``key``: ``step_s`` or ``cpu_s`` of every run): per contender the
-    median and quartiles, its median per replica and its ratio to the hand loop (pooled medians,
-    95% interval from resampling replicas, and per replica); ddp_train's ratio to each peer."""
-    rounds = {name: [run[key] for run in name_runs] for name, name_runs in runs.items()}
-    pooled = {name: [x for block in blocks for x in block] for name, blocks in rounds.items()}
+def _added(a: list[float], b: list[float]) -> float:
+    return median(a) - median(b)
+
+
+def compare(replicas: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """One clock's numbers (``key``, a value of :data:`CLOCKS`): per contender the median and
+    quartiles, the median per replica, the ratio to the hand loop's (of pooled medians, with
+    a 95% interval from resampling replicas and then rounds, and per replica) and the seconds
+    it adds to it (with its interval); ddp_train's ratio to each peer."""
+    names = list(replicas[0]["contenders"])
+    rounds = {name: [turn for replica in replicas for turn in replica["contenders"][name][key]]
+              for name in names}
+    clusters = [index for index, replica in enumerate(replicas)
+                for _ in replica["contenders"][BASELINE][key]]
+    pooled = {name: [x for turn in turns for x in turn] for name, turns in rounds.items()}
+
+    def replica_pool(replica: dict[str, Any], name: str) -> list[float]:
+        return [x for turn in replica["contenders"][name][key] for x in turn]
+
     contenders = {name: {
         "summary_s": summarize(pooled[name]),
-        "median_per_replica_s": [median(block) for block in blocks],
+        "median_per_replica_s": [median(replica_pool(replica, name)) for replica in replicas],
         "ratio_to_hand": _ratio(pooled[name], pooled[BASELINE]),
-        "ratio_to_hand_ci95": list(paired_bootstrap(blocks, rounds[BASELINE], _ratio)),
-        "ratio_to_hand_per_replica": [_ratio(a, b) for a, b in zip(blocks, rounds[BASELINE])]}
-        for name, blocks in rounds.items()}
+        "ratio_to_hand_ci95": list(paired_bootstrap(rounds[name], rounds[BASELINE], _ratio,
+                                                    clusters=clusters)),
+        "ratio_to_hand_per_replica": [_ratio(replica_pool(replica, name), replica_pool(replica, BASELINE))
+                                      for replica in replicas],
+        "added_s": _added(pooled[name], pooled[BASELINE]),
+        "added_s_ci95": list(paired_bootstrap(rounds[name], rounds[BASELINE], _added,
+                                              clusters=clusters))}
+        for name in names}
     ours_over_peer = {
         peer: {"ratio": _ratio(pooled[OURS], pooled[peer]),
-               "ci95": list(paired_bootstrap(rounds[OURS], rounds[peer], _ratio))}
-        for peer in rounds if OURS in rounds and peer not in (OURS, BASELINE, "hand_twin")}
+               "ci95": list(paired_bootstrap(rounds[OURS], rounds[peer], _ratio, clusters=clusters))}
+        for peer in names if OURS in names and peer not in (OURS, BASELINE, "hand_twin")}
     return {"contenders": contenders, "ours_over_peer": ours_over_peer}
 
 
-def analyse(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def analyse(replicas: list[dict[str, Any]]) -> dict[str, Any]:
     """Both clocks compared (:data:`CLOCKS`), what every contender trained to, and the goal."""
-    results: dict[str, Any] = {clock: compare(runs, key) for clock, key in CLOCKS.items()}
+    results: dict[str, Any] = {clock: compare(replicas, key) for clock, key in CLOCKS.items()}
+    names = list(replicas[0]["contenders"])
     results["contenders"] = {name: {
         "description": CONTENDERS[name].description,
-        "loss_before": median([run["loss_before"] for run in name_runs]),
-        "loss_after": median([run["loss_after"] for run in name_runs]),
-        "others_cores": median([run["conditions"]["others_cores"] for run in name_runs]),
-        "settings": name_runs[0]["settings"]} for name, name_runs in runs.items()}
-    if OURS in runs:
+        "loss_before": median([replica["contenders"][name]["loss_before"] for replica in replicas]),
+        "loss_after": median([replica["contenders"][name]["loss_after"] for replica in replicas]),
+        "settings": replicas[0]["contenders"][name]["settings"]} for name in names}
+    if OURS in names:
         results["goal"] = {"ratio_to_hand_at_most": GOAL}
-        for clock in CLOCKS:
+        for clock in ("wall", "cpu"):
             ours = results[clock]["contenders"][OURS]
             low, high = ours["ratio_to_hand_ci95"]
             results["goal"][clock] = {"met": ours["ratio_to_hand"] <= GOAL, "confirmed": high <= GOAL,
@@ -187,8 +258,8 @@ def analyse(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return results
 
 
-def run(replicas: int, steps: int, warmup: int, names: list[str] | None = None,
-        max_wait_s: float = 120) -> dict[str, Any]:
+def run(replicas: int, rounds: int, steps_per_turn: int, warmup: int,
+        names: list[str] | None = None, max_wait_s: float = 120) -> dict[str, Any]:
     """Measure and analyse; what ``peers.json`` holds (``run.py``'s ``peers`` section too).
 
     ``names``: the contenders to run (default all; the hand loop always runs)."""
@@ -199,13 +270,13 @@ def run(replicas: int, steps: int, warmup: int, names: list[str] | None = None,
     for name, reason in skipped.items():
         print(f"  skipping {name}: {reason}", flush=True)
     started = time.monotonic()
-    orders = shuffled_rounds(runnable, replicas)
-    runs, waits = measure(runnable, orders, steps, warmup, max_wait_s)
-    return {"benchmark": "peers", "workload": workload(), "replicas": replicas,
-            "timed_steps_per_run": steps, "warmup_steps_per_run": warmup, "skipped": skipped,
-            "orders": orders, "quiet_before_replica": waits,
-            "waited_s": round(sum(wait["waited_s"] for wait in waits), 1),
-            "runtime_s": round(time.monotonic() - started, 1), **analyse(runs), "runs": runs}
+    replica_results, orders = measure(runnable, replicas, rounds, steps_per_turn, warmup, max_wait_s)
+    return {"benchmark": "peers", "workload": workload(), "replicas": replicas, "rounds": rounds,
+            "steps_per_turn": steps_per_turn, "timed_steps_per_turn": steps_per_turn - COLD_STEPS,
+            "warmup_steps": warmup, "skipped": skipped, "orders": orders,
+            "waited_s": round(sum(r["quiet_before"]["waited_s"] for r in replica_results), 1),
+            "runtime_s": round(time.monotonic() - started, 1), **analyse(replica_results),
+            "replica_runs": replica_results}
 
 
 def workload() -> dict[str, Any]:
@@ -220,23 +291,26 @@ def workload() -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The README table: per contender the median step (wall and CPU) and its ratio to the
-    hand loop's, and the held-out loss it trained to; then ddp_train against each peer."""
-    wall, cpu = results["wall"]["contenders"], results["cpu"]["contenders"]
+    """The README table: per contender the median step and its ratio to the hand loop's (wall
+    and CPU time), the loop's work between steps and what it adds to the hand loop's, and the
+    held-out loss it trained to; then ddp_train against each peer."""
+    wall, cpu, between = (results[clock]["contenders"] for clock in ("wall", "cpu", "between"))
     lines = ["| contender | median step, ms (p25 to p75) | ratio to the hand loop (95% CI) | "
-             "CPU ms per step | CPU ratio to the hand loop (95% CI) | held-out loss, before → after |",
-             "|---|---|---|---|---|---|"]
+             "CPU-time ratio (95% CI) | between steps, ms: median, added (95% CI) | "
+             "held-out loss, before → after |", "|---|---|---|---|---|---|"]
     for name, entry in results["contenders"].items():
-        step = wall[name]["summary_s"]
+        step, gap = wall[name]["summary_s"], between[name]
+        low, high = gap["added_s_ci95"]
         lines.append(f"| `{name}` | {step['median'] * 1e3:.1f} ({step['p25'] * 1e3:.1f} to "
                      f"{step['p75'] * 1e3:.1f}) | {_with_interval(wall[name])} | "
-                     f"{cpu[name]['summary_s']['median'] * 1e3:.1f} | {_with_interval(cpu[name])} | "
+                     f"{_with_interval(cpu[name])} | {gap['summary_s']['median'] * 1e3:.2f}, "
+                     f"{gap['added_s'] * 1e3:+.2f} ({low * 1e3:+.2f} to {high * 1e3:+.2f}) | "
                      f"{entry['loss_before']:.2f} → {entry['loss_after']:.2f} |")
     for name, reason in results["skipped"].items():
         lines.append(f"| `{name}` | skipped: {reason} | | | | |")
     peers = results["wall"]["ours_over_peer"]
     if peers:
-        lines += ["", "ddp_train's step over each peer's, wall (CPU), 95% CI: " + "; ".join(
+        lines += ["", "ddp_train's step over each peer's, wall (CPU time), 95% CI: " + "; ".join(
             f"{peer} {_with_interval(value)} ({_with_interval(results['cpu']['ours_over_peer'][peer])})"
             for peer, value in peers.items()) + "."]
     return "\n".join(lines) + "\n"
@@ -290,7 +364,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     work, machine = results["workload"], results["machine"]
     fig.suptitle(f"{work['model']}, {work['parameters']:,} parameters, {work['batch_per_rank']} × "
                  f"{work['sequence_length']} tokens per rank, {work['world_size']} gloo ranks, fp32; "
-                 f"{results['replicas']} replicas × {results['timed_steps_per_run']} steps"
+                 f"{results['replicas']} replicas × {results['rounds']} rounds × "
+                 f"{results['timed_steps_per_turn']} timed steps per contender"
                  + "".join(f"\n{name} skipped: {reason}" for name, reason in results["skipped"].items()),
                  fontsize=10)
     fig.text(0.01, 0.005, f"{machine['cpu_cores']}-core {machine['cpu_model']}, torch "
@@ -305,21 +380,24 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write peers.json (or peers_quick.json) and its PNG."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    quick, full = PLANS["quick"], PLANS["full"]
     parser.add_argument("--quick", action="store_true",
-                        help=f"{PLANS['quick']['replicas']} replicas of {PLANS['quick']['steps']} steps")
-    parser.add_argument("--replicas", type=int, help="replicas (default 6, --quick 2)")
-    parser.add_argument("--steps", type=int, help="timed steps per run (default 100, --quick 30)")
+                        help=f"{quick['replicas']} replicas of {quick['rounds']} rounds (about a minute)")
+    parser.add_argument("--replicas", type=int,
+                        help=f"fresh process pairs (default {full['replicas']}, --quick {quick['replicas']})")
+    parser.add_argument("--rounds", type=int,
+                        help=f"rounds per replica (default {full['rounds']}, --quick {quick['rounds']})")
     parser.add_argument("--only", help=f"comma-separated contenders (default: all of "
                                        f"{', '.join(CONTENDERS)}; the hand loop always runs)")
     parser.add_argument("--max-wait", type=float, default=120,
                         help="seconds to wait for a quiet machine before each replica (default 120)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output directory")
     args = parser.parse_args(argv)
-    plan = dict(PLANS["quick" if args.quick else "full"])
-    plan.update({key: value for key, value in (("replicas", args.replicas), ("steps", args.steps))
+    plan = dict(quick if args.quick else full)
+    plan.update({key: value for key, value in (("replicas", args.replicas), ("rounds", args.rounds))
                  if value is not None})
-    if plan["replicas"] < 1 or plan["steps"] < 2:
-        parser.error("--replicas must be >= 1 and --steps >= 2")
+    if plan["replicas"] < 1 or plan["rounds"] < 1:
+        parser.error("--replicas and --rounds must be >= 1")
     names = [n.strip() for n in args.only.split(",")] if args.only else list(CONTENDERS)
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
@@ -329,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = utc_now()
     with CpuWatch() as watch:
-        results = run(plan["replicas"], plan["steps"], plan["warmup"], names, args.max_wait)
+        results = run(**plan, names=names, max_wait_s=args.max_wait)
     if "status" in results:
         print(f"peers.py: {results['status']}", file=sys.stderr)
         return 2
@@ -340,8 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, args.out / f"{stem}.png")
     print(markdown(results))
-    print(f"wrote {args.out / (stem + '.json')} and {stem}.png in {results['runtime_s']:.0f} s; "
-          f"other processes took {watch.result['others_cores']:.2f} cores meanwhile")
+    print(f"wrote {args.out / (stem + '.json')} and {stem}.png in {results['runtime_s']:.0f} s "
+          f"({results['waited_s']:.0f} s of it waiting for a quiet machine); other processes took "
+          f"{watch.result['others_cores']:.2f} cores meanwhile")
     return 0
 
 

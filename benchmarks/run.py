@@ -393,7 +393,8 @@ def markdown(results: dict[str, Any]) -> str:
     if "contenders" in peer_results:
         import peers
         lines += [f"**Peers** ({peer_results['workload']['model']}, 2 gloo ranks, fp32; "
-                  f"{peer_results['replicas']} replicas × {peer_results['timed_steps_per_run']} steps)",
+                  f"{peer_results['replicas']} replicas × {peer_results['rounds']} rounds × "
+                  f"{peer_results['timed_steps_per_turn']} timed steps per contender)",
                   "", peers.markdown(peer_results)]
 
     gpu = results.get("gpu", {})
