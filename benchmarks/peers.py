@@ -324,8 +324,10 @@ def _with_interval(entry: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
-    """Two panels: the median step per contender (whiskers p25 to p75, dots the replicas'
-    medians), and its ratio to the hand loop's, wall and CPU, with 95% intervals and the goal."""
+    """Three panels: the median step per contender (whiskers p25 to p75, dots the replicas'
+    medians); its ratio to the hand loop's, wall and CPU time, with 95% intervals and the
+    goal; and the loop's work between steps (median, whiskers the 95% interval of what it adds
+    to the hand loop's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,10 +335,11 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
     names = list(results["contenders"])[::-1]
     y = list(range(len(names)))
-    wall = results["wall"]["contenders"]
+    wall, between = results["wall"]["contenders"], results["between"]["contenders"]
     colors = ["#1f77b4" if name == OURS else "#7f7f7f" if name.startswith("hand") else "#ff7f0e"
               for name in names]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.6 * len(names) + 2.6), dpi=110)
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 0.6 * len(names) + 2.8), dpi=110,
+                                              gridspec_kw={"width_ratios": [1.1, 1.1, 0.9]})
     medians = [wall[n]["summary_s"]["median"] * 1e3 for n in names]
     spread = [[m - wall[n]["summary_s"]["p25"] * 1e3 for m, n in zip(medians, names)],
               [wall[n]["summary_s"]["p75"] * 1e3 - m for m, n in zip(medians, names)]]
@@ -344,22 +347,26 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     for index, name in enumerate(names):
         replica_ms = [m * 1e3 for m in wall[name]["median_per_replica_s"]]
         left.scatter(replica_ms, [index] * len(replica_ms), color="black", s=10, zorder=3)
-    left.set_yticks(y, names)
-    left.set_xlabel("ms per optimizer step, wall (bar: median; whiskers: p25-p75; dots: replicas)")
+    left.set_xlabel("ms per optimizer step, wall\n(bar: median; whiskers: p25-p75; dots: replicas)")
     for clock, offset, marker in (("wall", 0.12, "o"), ("cpu", -0.12, "s")):
         entries = results[clock]["contenders"]
         ratios = [entries[n]["ratio_to_hand"] for n in names]
         low = [max(r - entries[n]["ratio_to_hand_ci95"][0], 0) for r, n in zip(ratios, names)]
         high = [max(entries[n]["ratio_to_hand_ci95"][1] - r, 0) for r, n in zip(ratios, names)]
-        right.errorbar(ratios, [i + offset for i in y], xerr=[low, high], fmt=marker, capsize=4,
-                       color="black" if clock == "wall" else "#2ca02c",
-                       label=f"{clock} time (95% interval, replicas resampled)")
-    right.axvline(1.0, color="gray", linewidth=0.8)
-    right.axvline(GOAL, color="#d62728", linestyle="--", linewidth=0.8, label=f"goal ≤ {GOAL}")
-    right.set_yticks(y, names)
-    right.set_xlabel("step time / the hand-written loop's")
-    right.legend(fontsize=8)
-    for ax in (left, right):
+        middle.errorbar(ratios, [i + offset for i in y], xerr=[low, high], fmt=marker, capsize=4,
+                        color="black" if clock == "wall" else "#2ca02c", label=f"{clock} time")
+    middle.axvline(1.0, color="gray", linewidth=0.8)
+    middle.axvline(GOAL, color="#d62728", linestyle="--", linewidth=0.8, label=f"goal ≤ {GOAL}")
+    middle.set_xlabel("step time / the hand-written loop's\n(95% interval: replicas, then rounds, resampled)")
+    middle.legend(fontsize=8)
+    hand_gap = between[BASELINE]["summary_s"]["median"] * 1e3
+    gaps = [between[n]["summary_s"]["median"] * 1e3 for n in names]
+    gap_errors = [[max(g - hand_gap - between[n]["added_s_ci95"][0] * 1e3, 0) for g, n in zip(gaps, names)],
+                  [max(between[n]["added_s_ci95"][1] * 1e3 - (g - hand_gap), 0) for g, n in zip(gaps, names)]]
+    right.barh(y, gaps, xerr=gap_errors, capsize=4, color=colors, edgecolor="black", linewidth=0.5)
+    right.set_xlabel("ms between steps: end of the optimizer step\nto the next forward (whiskers: 95% interval)")
+    for ax in (left, middle, right):
+        ax.set_yticks(y, names)
         ax.grid(axis="x", alpha=0.3)
     work, machine = results["workload"], results["machine"]
     fig.suptitle(f"{work['model']}, {work['parameters']:,} parameters, {work['batch_per_rank']} × "
@@ -382,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     quick, full = PLANS["quick"], PLANS["full"]
     parser.add_argument("--quick", action="store_true",
-                        help=f"{quick['replicas']} replicas of {quick['rounds']} rounds (about a minute)")
+                        help=f"{quick['replicas']} replicas of {quick['rounds']} rounds (1-2 minutes)")
     parser.add_argument("--replicas", type=int,
                         help=f"fresh process pairs (default {full['replicas']}, --quick {quick['replicas']})")
     parser.add_argument("--rounds", type=int,
