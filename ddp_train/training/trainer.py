@@ -76,7 +76,7 @@ class Trainer:
             self._build(builder, sinks, callbacks)
         except BaseException:
             self.run_dir.unlock()
-            self.env.close(barrier=False)
+            self._close_process_group(barrier=False)
             raise
 
     def _build(self, builder: PartsBuilder, sinks: Sequence[MetricSink], callbacks: Sequence[Any]) -> None:
@@ -477,11 +477,16 @@ class Trainer:
         self.sinks = []
         self.metrics.close()
         self.run_dir.unlock()  # every file of the run is written: the directory is free
-        # Release what holds the process group now, while everything is alive.
-        self.strategy.release()
-        self.model = self.module
+        self._close_process_group(clean_exit)
+
+    def _close_process_group(self, barrier: bool) -> None:
+        """Release what holds the process group (DDP's reducer, wrappers) while everything is
+        alive, then tear it down: left to interpreter shutdown, gloo's threads abort the process."""
+        if hasattr(self, "strategy"):  # a failed __init__ may not have built it
+            self.strategy.release()
+            self.model = getattr(self, "module", None)
         gc.collect()
-        self.env.close(barrier=clean_exit)
+        self.env.close(barrier=barrier)
 
     def __enter__(self) -> Trainer:
         return self
